@@ -1,0 +1,310 @@
+"""``TransferLearning``: DL4J's ``TransferLearning.GraphBuilder`` for ``torch.fx`` graphs.
+
+The builder records ops as data; ``build()`` applies them to a deep copy of the input
+model in a fixed order, so the result does not depend on the order of the calls:
+
+1. removals (``remove_vertex_keep_connections`` first, then ``remove_vertex_and_connections``);
+2. width changes (``n_out_replace``, ``n_in_replace``) in graph order;
+3. additions (``add_layer``, ``add_vertex``) in dependency order, ties by name;
+4. ``set_outputs``;
+5. shape propagation (``n_in`` inference; shape errors are raised here);
+6. freezing (``set_feature_extractor``, ``freeze``, ``unfreeze``) and the fine-tune configuration.
+
+Calling ``set_feature_extractor`` more than once freezes the union of what was named.
+New weights are drawn from a generator per (seed, vertex name) when the fine-tune
+configuration has a seed, so they too do not depend on the call order.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from . import layers as L
+from . import ops
+from .finetune import FineTuneConfiguration
+from .freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes
+from .graph import VertexError, example_input, propagate_, resolve, vertex_of, vertex_table
+from .recipe import get_info, set_info_
+
+__all__ = ["TransferLearning", "apply_ops"]
+
+log = logging.getLogger(__name__)
+
+_ORDER = {
+    "remove_vertex_keep_connections": 0,
+    "remove_vertex_and_connections": 1,
+    "n_out_replace": 2,
+    "n_in_replace": 2,
+    "add_layer": 3,
+    "add_vertex": 3,
+    "set_outputs": 4,
+    "set_feature_extractor": 5,
+    "freeze": 5,
+    "unfreeze": 5,
+    "fine_tune_configuration": 5,
+}
+_SINGLE = ("set_outputs", "fine_tune_configuration")
+
+
+class TransferLearning:
+    """Edit a pretrained graph: replace layers, change widths, add and remove vertices,
+    freeze a feature extractor, set a fine-tune configuration.
+
+    Every method returns the builder; ``build()`` returns a new model and leaves the
+    input model untouched.
+
+    Example:
+        >>> model = (TransferLearning(vgg16)
+        ...          .fine_tune_configuration(FineTuneConfiguration(updater="nesterov", lr=5e-5, seed=123))
+        ...          .set_feature_extractor("fc2")
+        ...          .remove_vertex_keep_connections("predictions")
+        ...          .add_layer("predictions", Output(5, loss="nll"), "fc2")
+        ...          .build())
+    """
+
+    def __init__(self, model: fx.GraphModule) -> None:
+        get_info(model)  # a freezeray model, or a clear error
+        self._model = model
+        self._ops: list[dict[str, Any]] = []
+        self._modules: dict[str, nn.Module] = {}  # live modules for add_layer/add_vertex, by vertex name
+
+    # -- recording ------------------------------------------------------------------------
+    def _record(self, op: dict[str, Any]) -> "TransferLearning":
+        kind = op["op"]
+        if kind in _SINGLE and any(o["op"] == kind for o in self._ops):
+            raise ValueError(f"{kind} was already called on this builder; call it once")
+        key = op.get("vertex") or op.get("name")
+        if key is not None:
+            for o in self._ops:
+                if (o.get("vertex") or o.get("name")) == key and o["op"] == kind:
+                    raise ValueError(f"{kind}({key!r}) was already called on this builder")
+        self._ops.append(op)
+        return self
+
+    def fine_tune_configuration(self, config: FineTuneConfiguration) -> "TransferLearning":
+        """Train the trainable part with ``config`` (layers' own settings win)."""
+        if not isinstance(config, FineTuneConfiguration):
+            raise TypeError(f"fine_tune_configuration takes a FineTuneConfiguration, got {type(config).__name__}")
+        return self._record({"op": "fine_tune_configuration", "config": config.to_dict()})
+
+    def set_feature_extractor(self, *vertices: str) -> "TransferLearning":
+        """Freeze ``vertices`` and all their ancestors; the frozen set becomes exactly that
+        (so this can also unfreeze)."""
+        if not vertices:
+            raise ValueError("set_feature_extractor needs at least one vertex")
+        for o in self._ops:
+            if o["op"] == "set_feature_extractor":
+                o["vertices"] = sorted(set(o["vertices"]) | set(vertices))
+                return self
+        return self._record({"op": "set_feature_extractor", "vertices": sorted(set(vertices))})
+
+    def freeze(self, *vertices: str) -> "TransferLearning":
+        """Freeze just these vertices (not their ancestors), on top of the frozen set."""
+        return self._record({"op": "freeze", "vertices": sorted(set(vertices))})
+
+    def unfreeze(self, *vertices: str) -> "TransferLearning":
+        """Unfreeze these vertices; applied after every freezing op."""
+        return self._record({"op": "unfreeze", "vertices": sorted(set(vertices))})
+
+    def n_out_replace(self, vertex: str, n_out: int, weight_init: Any = "xavier", fan_out_init: Any = None) -> "TransferLearning":
+        """Give ``vertex`` ``n_out`` outputs (weights re-initialised with ``weight_init``)
+        and carry the width forward to the next parametric layers, which are rebuilt with
+        ``fan_out_init`` (default: ``weight_init``)."""
+        L.parse_weight_init(weight_init)
+        L.parse_weight_init(fan_out_init if fan_out_init is not None else weight_init)
+        return self._record({"op": "n_out_replace", "vertex": vertex, "n_out": n_out, "weight_init": weight_init,
+                             "fan_out_init": fan_out_init if fan_out_init is not None else weight_init})
+
+    def n_in_replace(self, vertex: str, n_in: int, weight_init: Any = "xavier") -> "TransferLearning":
+        """Give ``vertex`` ``n_in`` inputs and fresh weights."""
+        L.parse_weight_init(weight_init)
+        return self._record({"op": "n_in_replace", "vertex": vertex, "n_in": n_in, "weight_init": weight_init})
+
+    def remove_vertex_keep_connections(self, vertex: str) -> "TransferLearning":
+        """Remove ``vertex`` but keep its place: add a vertex with the same name to fill it."""
+        return self._record({"op": "remove_vertex_keep_connections", "vertex": vertex})
+
+    def remove_vertex_and_connections(self, vertex: str) -> "TransferLearning":
+        """Remove ``vertex`` and everything that only it fed (its downstream vertices)."""
+        return self._record({"op": "remove_vertex_and_connections", "vertex": vertex})
+
+    def add_layer(self, name: str, layer: nn.Module, *inputs: str) -> "TransferLearning":
+        """Add ``layer`` as vertex ``name`` after ``inputs`` (several inputs are concatenated
+        along dim 1 first, like DL4J's automatic MergeVertex). ``n_in`` is inferred."""
+        return self._add("add_layer", name, layer, inputs)
+
+    def add_vertex(self, name: str, vertex: nn.Module, *inputs: str) -> "TransferLearning":
+        """Add a vertex (``surgery.vertices.Merge``, ``ElementWise``, ``Subset``, ... or any
+        module) that takes ``inputs`` as separate arguments."""
+        return self._add("add_vertex", name, vertex, inputs)
+
+    def _add(self, kind: str, name: str, module: nn.Module, inputs: tuple[str, ...]) -> "TransferLearning":
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{kind}({name!r}): expected a torch.nn.Module, got {type(module).__name__}")
+        spec = L.describe(module)
+        op = {"op": kind, "name": name, "layer": spec, "inputs": list(inputs)}
+        if spec is None:
+            op["layer_class"] = f"{type(module).__module__}.{type(module).__qualname__}"
+        self._record(op)
+        self._modules[name] = module
+        return self
+
+    def set_outputs(self, *vertices: str) -> "TransferLearning":
+        """Make ``vertices`` the model's outputs, in this order."""
+        return self._record({"op": "set_outputs", "vertices": list(vertices)})
+
+    # -- building -------------------------------------------------------------------------
+    def build(self) -> fx.GraphModule:
+        """A new model with every recorded op applied; the input model is unchanged.
+
+        Raises:
+            VertexError: an unknown vertex (naming close matches) or an impossible edit.
+            ShapeError: widths that do not fit, naming both vertices and both shapes.
+        """
+        model = copy.deepcopy(self._model)
+        modules = {name: copy.deepcopy(m) for name, m in self._modules.items()}
+        return apply_ops(model, self._ops, modules)
+
+
+def _canonical(model: fx.GraphModule, ops_: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ops in the order ``build()`` applies them (see the module docstring)."""
+    position = {n.name: i for i, n in enumerate(model.graph.nodes)}
+    table = vertex_table(model)
+
+    def graph_pos(vertex: str) -> int:
+        v = table.get(vertex)
+        return position[v.nodes[0].name] if v is not None else len(position)
+
+    adds = [o for o in ops_ if o["op"] in ("add_layer", "add_vertex")]
+    added = {o["name"] for o in adds}
+    ordered_adds: list[dict[str, Any]] = []
+    done: set[str] = set()
+    remaining = sorted(adds, key=lambda o: o["name"])
+    while remaining:
+        ready = [o for o in remaining if all(i not in added or i in done for i in o["inputs"])]
+        if not ready:
+            raise VertexError(f"added vertices depend on each other in a cycle: {', '.join(o['name'] for o in remaining)}")
+        first = ready[0]
+        ordered_adds.append(first)
+        done.add(first["name"])
+        remaining.remove(first)
+    rest = [o for o in ops_ if o["op"] not in ("add_layer", "add_vertex")]
+    rest.sort(key=lambda o: (_ORDER[o["op"]], graph_pos(o.get("vertex", "")) if "vertex" in o else 0, o["op"]))
+    before = [o for o in rest if _ORDER[o["op"]] < 3]
+    after = [o for o in rest if _ORDER[o["op"]] > 3]
+    return before + ordered_adds + after
+
+
+def apply_ops(model: fx.GraphModule, ops_: list[dict[str, Any]], modules: dict[str, nn.Module] | None = None) -> fx.GraphModule:
+    """Apply builder ops (as data) to ``model`` in canonical order. This is done in place
+    on ``model`` (the builder passes a deep copy); ``surgery.load`` uses it to replay a
+    recipe. ``modules`` holds live modules for add ops, else they are built from specs."""
+    info = get_info(model)
+    ops_ = [dict(o) for o in ops_]
+    for o in ops_:
+        if o.get("op") not in _ORDER:
+            raise ValueError(f"unknown surgery op {o.get('op')!r}; valid ops: {', '.join(_ORDER)}")
+    ordered = _canonical(model, ops_)
+    config = info.fine_tune
+    for o in ordered:
+        if o["op"] == "fine_tune_configuration":
+            config = FineTuneConfiguration.from_dict(o["config"])
+    seed = config.seed if config is not None else None
+    old_outputs = _outputs(model)
+    previous_frozen = {n.name for n in frozen_nodes(model)}
+    for o in ordered:
+        kind = o["op"]
+        if kind == "remove_vertex_keep_connections":
+            ops.remove_keep_connections_(model, o["vertex"])
+        elif kind == "remove_vertex_and_connections":
+            if o["vertex"] not in vertex_table(model):
+                if any(h.meta.get(ops.HOLE_KEY) == o["vertex"] for h in ops.holes(model)):
+                    raise VertexError(f"vertex {o['vertex']!r} is removed twice (keep and and-connections)")
+                resolve(model, o["vertex"])  # unknown: raises with close names
+            ops.remove_and_connections_(model, o["vertex"])
+        elif kind == "n_out_replace":
+            ops.n_out_replace_(model, o["vertex"], o["n_out"], o["weight_init"], o["fan_out_init"], seed)
+        elif kind == "n_in_replace":
+            ops.n_in_replace_(model, o["vertex"], o["n_in"], o["weight_init"], seed)
+        elif kind in ("add_layer", "add_vertex"):
+            module = (modules or {}).get(o["name"])
+            if module is None:
+                if o.get("layer") is None:
+                    raise ValueError(f"{kind}({o['name']!r}): the recipe has no description of its module")
+                module = L.build_module(o["layer"])
+            ops.add_module_(model, o["name"], module, o["inputs"], merge=kind == "add_layer", seed=seed)
+        elif kind == "set_outputs":
+            ops.set_outputs_(model, o["vertices"])
+    ops.finish_(model)
+    propagate_(model, example_input(info.preprocessing.input_size))
+    ops.finish_(model)  # propagation swapped pending modules for real ones
+    _freeze_from_ops(model, ordered, previous_frozen)
+    info = get_info(model)
+    outputs = _outputs(model)
+    losses = {}
+    for vertex in outputs:
+        module = model.get_submodule(vertex) if _is_module(model, vertex) else None
+        losses[vertex] = module.loss if isinstance(module, L.Output) else info.losses.get(vertex)
+    classes = info.classes
+    if classes is not None and (outputs != old_outputs or _output_width(model) != len(classes)):
+        classes = None  # the output changed: the old class names no longer describe it
+    stage = tuple(ordered)
+    set_info_(model, info.with_(fine_tune=config, losses={k: v for k, v in losses.items() if v is not None},
+                                stages=info.stages + ((stage,) if stage else ()), classes=classes))
+    _apply_dropout_defaults(model)
+    return model
+
+
+def _output_width(model: fx.GraphModule) -> int | None:
+    from .graph import node_shape
+
+    out = next(n for n in model.graph.nodes if n.op == "output")
+    shapes = [node_shape(n) for n in out.all_input_nodes]
+    first = shapes[0] if shapes else None
+    return first[-1] if isinstance(first, tuple) and first and isinstance(first[-1], int) else None
+
+
+def _is_module(model: fx.GraphModule, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _outputs(model: fx.GraphModule) -> list[str]:
+    from collections import Counter
+
+    calls = Counter(n.target for n in model.graph.nodes if n.op == "call_module")
+    out = next(n for n in model.graph.nodes if n.op == "output")
+    return [vertex_of(n, calls) for n in out.all_input_nodes]
+
+
+def _freeze_from_ops(model: fx.GraphModule, ordered: list[dict[str, Any]], previous: set[str]) -> None:
+    fe = [v for o in ordered if o["op"] == "set_feature_extractor" for v in o["vertices"]]
+    extra = [v for o in ordered if o["op"] == "freeze" for v in o["vertices"]]
+    drop = [v for o in ordered if o["op"] == "unfreeze" for v in o["vertices"]]
+    table = vertex_table(model)
+    if fe:
+        frozen = feature_extractor_nodes(model, fe)
+    else:  # no new feature extractor: what was frozen before and still exists stays frozen
+        frozen = {n for n in model.graph.nodes if n.name in previous}
+    frozen |= {n for v in extra for n in resolve(model, v, table).nodes}
+    frozen -= {n for v in drop for n in resolve(model, v, table).nodes}
+    apply_frozen_(model, frozen)
+
+
+def _apply_dropout_defaults(model: fx.GraphModule) -> None:
+    """The fine-tune configuration's dropout applies to trainable freezeray layers that
+    set none themselves (layer settings win)."""
+    config = get_info(model).fine_tune
+    p = config.dropout if config is not None else 0.0
+    for module in model.modules():
+        if isinstance(module, L.Layer):
+            trainable = any(q.requires_grad for q in module.parameters())
+            module.default_dropout = p if trainable else 0.0

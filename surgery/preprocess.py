@@ -1,0 +1,155 @@
+"""The preprocessing a backbone expects, as data that travels with the model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+__all__ = ["PreprocessConfig", "decode_image", "resize_crop", "preprocess_bytes", "normalize"]
+
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How images become the model's input tensor (timm's ``pretrained_cfg`` in small).
+
+    Eval-time recipe, as torchvision's and timm's: resize the shorter side to
+    ``resize_size``, centre-crop to ``input_size``, scale to [0, 1], then normalize.
+    """
+
+    input_size: tuple[int, int, int] = (3, 224, 224)  # (C, H, W) the model is fed
+    crop_pct: float = 0.875  # crop side / resized shorter side; resize = floor(H / crop_pct)
+    interpolation: Interpolation = "bilinear"  # PIL resampling filter used for the resize
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # per-channel mean subtracted after scaling to [0, 1]
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)  # per-channel std divided after the mean
+
+    def __post_init__(self) -> None:
+        problems = []
+        if len(self.input_size) != 3 or any(int(v) <= 0 for v in self.input_size):
+            problems.append(f"input_size must be (C, H, W) with positive sizes, got {self.input_size}")
+        elif self.input_size[0] not in (1, 3):
+            problems.append(f"input_size must have 1 or 3 channels, got {self.input_size[0]}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            problems.append(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in _INTERPOLATIONS:
+            problems.append(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {self.interpolation!r}")
+        channels = self.input_size[0] if len(self.input_size) == 3 else 3
+        if len(self.mean) != channels or len(self.std) != channels:
+            problems.append(f"mean and std need {channels} values each, got {len(self.mean)} and {len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            problems.append(f"std values must be positive, got {self.std}")
+        if problems:
+            raise ValueError("invalid preprocessing: " + "; ".join(problems))
+        # normalise types so equal configs compare and hash equal whatever the input types
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side after the resize (timm: ``floor(crop / crop_pct)``)."""
+        return int(math.floor(max(self.input_size[1:]) / self.crop_pct + 1e-6))
+
+    def with_size(self, size: int | tuple[int, int]) -> "PreprocessConfig":
+        """The same recipe at another input size (e.g. smaller images for a quick run)."""
+        h, w = (size, size) if isinstance(size, int) else size
+        return replace(self, input_size=(self.input_size[0], int(h), int(w)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+        known = {"input_size", "crop_pct", "interpolation", "mean", "std"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        d = dict(d)
+        for key in ("input_size", "mean", "std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------
+# applying it: decode -> resize -> centre crop (uint8, on CPU workers) -> normalize (on the
+# model's device). Splitting it this way keeps what travels between processes 4x smaller.
+
+_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
+
+
+def decode_image(data: bytes, channels: int = 3) -> "Image.Image":
+    """Decode image bytes (JPEG, PNG, WebP, GIF, BMP, ...; grayscale, palette and RGBA
+    included) to an RGB (or, for 1 channel, L) image. Alpha is dropped, as torchvision does.
+
+    Raises:
+        ValueError: empty, truncated or unreadable data, with the decoder's reason.
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode now: truncated files fail here, not later
+            return img.convert("RGB" if channels == 3 else "L")
+    except UnidentifiedImageError:
+        raise ValueError("not an image file PIL can identify") from None
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"cannot decode image: {exc}") from None
+
+
+def resize_crop(img: "Image.Image", config: PreprocessConfig) -> "np.ndarray":
+    """Resize the shorter side to ``config.resize_size`` and centre-crop to the input size,
+    as torchvision's ``Resize`` + ``CenterCrop``. Returns uint8 (H, W, C)."""
+    import numpy as np
+
+    _, out_h, out_w = config.input_size
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short = config.resize_size
+    new_long = int(new_short * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample=_RESAMPLE[config.interpolation])
+    top = int(round((new_h - out_h) / 2.0))
+    left = int(round((new_w - out_w) / 2.0))
+    if top < 0 or left < 0:  # smaller than the crop: pad with zeros, as torchvision does
+        canvas = np.zeros((max(new_h, out_h), max(new_w, out_w), len(img.getbands())), dtype=np.uint8)
+        arr = np.asarray(img).reshape(new_h, new_w, -1)
+        pt, pl = max(0, -top), max(0, -left)
+        canvas[pt:pt + new_h, pl:pl + new_w] = arr
+        top, left = max(0, top), max(0, left)
+        return canvas[top:top + out_h, left:left + out_w].copy()
+    img = img.crop((left, top, left + out_w, top + out_h))
+    return np.asarray(img, dtype=np.uint8).reshape(out_h, out_w, -1).copy()
+
+
+def preprocess_bytes(data: bytes, config: PreprocessConfig) -> "np.ndarray":
+    """Decode + resize + crop: image bytes -> uint8 (H, W, C)."""
+    return resize_crop(decode_image(data, config.input_size[0]), config)
+
+
+def normalize(batch: "torch.Tensor", config: PreprocessConfig, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+    """uint8 (B, H, W, C) -> normalised float (B, C, H, W)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    mean = torch.tensor(config.mean, dtype=dtype, device=batch.device).view(1, -1, 1, 1)
+    std = torch.tensor(config.std, dtype=dtype, device=batch.device).view(1, -1, 1, 1)
+    x = batch.permute(0, 3, 1, 2).to(dtype).div_(255.0)  # (B, H, W, C) -> (B, C, H, W)
+    return x.sub_(mean).div_(std)

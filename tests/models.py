@@ -1,0 +1,35 @@
+"""Small models registered in the zoo for tests (real layers, small inputs)."""
+
+import torch
+from torch import nn
+
+from surgery import PreprocessConfig
+from surgery.zoo import register_model
+
+
+class TinyCNN(nn.Module):
+    """conv-BN-ReLU-dropout, conv-BN-ReLU, pool, flatten, fc-ReLU, fc: BatchNorm and
+    dropout in the part that gets frozen, so freezing has something to prove."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.drop1 = nn.Dropout2d(0.2)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(torch.relu(self.bn1(self.conv1(x))))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = self.flatten(self.pool(x))
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@register_model("tiny_cnn_test", preprocessing=PreprocessConfig(input_size=(3, 16, 16), crop_pct=1.0))
+def tiny_cnn_test(num_classes: int = 10) -> nn.Module:
+    return TinyCNN(num_classes)
