@@ -1,0 +1,156 @@
+"""``FeatureSet``: a committed featurization output, opened through its manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from surgery import storage
+
+from .shards import ERRORS, MANIFEST, read_json, read_table
+
+__all__ = ["FeatureSet", "FEATURES_FORMAT", "FeatureMismatch"]
+
+FEATURES_FORMAT = "freezeray.features/1"
+
+
+class FeatureMismatch(ValueError):
+    """Features made by a different frozen graph than the model they are used with."""
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features of an image set at a model's frozen boundary, as listed by a manifest.
+
+    Example:
+        >>> fs = FeatureSet.open("s3://bucket/features/flowers", storage_options)
+        >>> fs.rows, fs.classes, fs.feature_shape, fs.dtype
+        >>> ds = fs.to_dataset()          # a Ray Dataset of row_id, path, label, features
+        >>> x, y = fs.to_tensors()        # small sets only
+    """
+
+    uri: str
+    manifest: dict[str, Any] = field(repr=False)
+    storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def open(cls, uri: str, storage_options: dict[str, Any] | None = None) -> "FeatureSet":
+        """Open a committed output. Raises ``FileNotFoundError`` when ``uri`` has no manifest
+        (nothing there, or a run that has not committed)."""
+        manifest = read_json(storage.join(uri, MANIFEST), storage_options)
+        if manifest is None:
+            raise FileNotFoundError(f"no committed feature set at {uri!r} (no {MANIFEST}); run pipeline.featurize first")
+        if manifest.get("format") != FEATURES_FORMAT:
+            raise ValueError(f"{uri!r}: unknown feature-set format {manifest.get('format')!r}")
+        return cls(uri, manifest, storage_options)
+
+    # -- what the manifest says ---------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def errors(self) -> int:
+        return int(self.manifest["errors"])
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.manifest["classes"])
+
+    @property
+    def feature_columns(self) -> tuple[str, ...]:
+        return tuple(self.manifest["feature_columns"])
+
+    @property
+    def feature_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(s) for s in self.manifest["feature_shapes"])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one row's features (the first boundary vertex's, when there are several)."""
+        return self.feature_shapes[0]
+
+    @property
+    def dtype(self) -> str:
+        return str(self.manifest["dtype"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.manifest["fingerprint"])
+
+    @property
+    def model_fingerprint(self) -> str:
+        return str(self.manifest["model_fingerprint"])
+
+    @property
+    def boundary(self) -> tuple[str, ...]:
+        return tuple(self.manifest["boundary"])
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return list(self.manifest["shards"])
+
+    def shard_uris(self) -> list[str]:
+        return [storage.join(self.uri, s["path"]) for s in self.shards]
+
+    def errors_table(self) -> pa.Table:
+        """(row_id, path, reason) for every input that could not be featurized."""
+        return read_table(storage.join(self.uri, self.manifest.get("errors_file", ERRORS)), self.storage_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.manifest)
+
+    # -- checks -------------------------------------------------------------------------
+    def check(self, model: Any) -> None:
+        """Refuse these features for a model whose frozen part differs from the one
+        that made them.
+
+        Raises:
+            FeatureMismatch: naming both fingerprints.
+        """
+        from surgery import frozen_fingerprint
+        from surgery.helper import split
+
+        ours = frozen_fingerprint(model)
+        if ours != self.model_fingerprint or split(model).boundary != self.boundary:
+            raise FeatureMismatch(
+                f"the features at {self.uri!r} were made by a frozen graph with fingerprint {self.model_fingerprint} "
+                f"(boundary {', '.join(self.boundary)}), but this model's frozen part has fingerprint {ours} "
+                f"(boundary {', '.join(split(model).boundary)}); featurize the images with this model"
+            )
+
+    # -- reading ------------------------------------------------------------------------
+    def to_dataset(self) -> Any:
+        """The shards as a Ray Dataset (row_id, path, label and the feature columns)."""
+        import ray.data
+
+        from .runtime import ensure_ray, pyarrow_filesystem
+
+        ensure_ray()
+        uris = self.shard_uris()
+        if not uris:
+            raise ValueError(f"the feature set at {self.uri!r} has no rows")
+        fs, _ = pyarrow_filesystem(self.uri, self.storage_options)
+        paths = [pyarrow_filesystem(u, self.storage_options)[1] for u in uris]
+        return ray.data.read_parquet(paths, filesystem=fs, file_extensions=None)
+
+    def to_tensors(self, max_rows: int = 2_000_000) -> tuple[Any, torch.Tensor]:
+        """``(features, labels)`` in row-id order: features one float32 tensor (a tuple
+        with several boundary vertices), labels int64. For sets of at most ``max_rows``."""
+        if self.rows > max_rows:
+            raise ValueError(f"{self.rows} rows is more than max_rows={max_rows}; iterate to_dataset() instead")
+        tables = [read_table(u, self.storage_options) for u in self.shard_uris()]
+        if not tables:
+            raise ValueError(f"the feature set at {self.uri!r} has no rows")
+        table = pa.concat_tables(tables)
+        order = np.argsort(table.column("row_id").to_numpy(), kind="stable")
+        feats = tuple(
+            torch.from_numpy(table.column(c).combine_chunks().to_numpy_ndarray()[order].astype(np.float32))
+            for c in self.feature_columns
+        )
+        labels = torch.from_numpy(table.column("label").to_numpy()[order].astype(np.int64))
+        return (feats[0] if len(feats) == 1 else feats), labels

@@ -1,0 +1,300 @@
+"""Image sources: an ImageFolder tree or a ``path,label`` manifest on any fsspec
+filesystem, listed once on the driver into a table of (row id, path, label).
+
+* ImageFolder: ``root/<class>/<file>``; the label is the class folder, classes are the
+  sorted folder names (as torchvision's ``ImageFolder``). Files whose extension is not an
+  image extension are skipped, as torchvision does; files directly under the root are
+  skipped with a warning.
+* Manifest: a Parquet or CSV file with a ``path`` column and an optional ``label``
+  column (class names, or integer class indices). Relative paths are relative to the
+  manifest's folder. Classes are the sorted distinct names, or ``0..max`` for integers,
+  unless given.
+
+Row ids follow the listing order (sorted by path for folders, file order for manifests),
+so the same input always gets the same ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from surgery import storage
+from surgery.preprocess import PreprocessConfig, decode_image, resize_crop
+
+__all__ = ["ImageSource", "read_images", "IMAGE_EXTENSIONS", "read_and_decode"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A listed image set: one row per image with a stable row id."""
+
+    uri: str  # the folder or manifest it was listed from
+    table: pa.Table = field(repr=False)  # columns: row_id (int64), path (full URI), label (int32, -1: none), size (int64, -1: unknown)
+    classes: tuple[str, ...]  # class names by label index
+    layout: str  # "folder" or "manifest"
+    storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # never logged
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def paths(self) -> list[str]:
+        return self.table.column("path").to_pylist()
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.table.column("label").to_numpy()
+
+    @property
+    def labeled(self) -> bool:
+        return bool(len(self)) and bool((self.labels >= 0).all())
+
+    def listing_hash(self) -> str:
+        """Hash of (path, label, size) for every row: changes when the input set changes."""
+        h = hashlib.sha256(b"freezeray.listing/1\n")
+        h.update("\n".join(self.classes).encode())
+        for col in ("path", "label", "size"):
+            arr = self.table.column(col).combine_chunks()
+            if col == "path":
+                h.update("\n".join(arr.to_pylist()).encode())
+            else:
+                h.update(np.ascontiguousarray(arr.to_numpy(zero_copy_only=False)).tobytes())
+        return h.hexdigest()[:32]
+
+    def subset(self, rows: np.ndarray) -> "ImageSource":
+        """The rows at positions ``rows`` (row ids are kept)."""
+        return ImageSource(self.uri, self.table.take(pa.array(rows)), self.classes, self.layout, self.storage_options)
+
+
+def read_images(
+    source: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    classes: Sequence[str] | None = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> ImageSource:
+    """List an image set: an ImageFolder tree, or a ``.parquet``/``.csv`` manifest.
+
+    Args:
+        source: a folder or manifest URI (local path, ``file://``, ``s3://``, ``gs://``,
+            ``memory://``, ...).
+        storage_options: fsspec options (endpoint, credentials) for ``source``.
+        classes: class names in label order, to fix the mapping (e.g. the training
+            set's classes for a test set that lacks some of them).
+        extensions: file extensions that count as images in a folder.
+
+    Raises:
+        FileNotFoundError: nothing at ``source``.
+        ValueError: an empty set, or labels outside ``classes``.
+
+    Example:
+        >>> src = read_images("s3://bucket/flowers/train", {"key": ..., "secret": ...})
+        >>> len(src), src.classes
+    """
+    fs, root = storage.filesystem(source, storage_options)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"image source {source!r} does not exist")
+    if fs.isfile(root):
+        if not root.lower().endswith((".parquet", ".csv")):
+            raise ValueError(f"{source!r} is a file but not a .parquet or .csv manifest")
+        return _from_manifest(source, fs, root, storage_options, classes)
+    return _from_folder(source, fs, root, storage_options, classes, tuple(e.lower() for e in extensions))
+
+
+def _full_uri(source: str, fs: Any, path: str) -> str:
+    """A path returned by ``fs`` as a URI that fsspec opens with the same options."""
+    if "://" in source and not source.startswith("file://"):
+        protocol = source.split("://", 1)[0]
+        return f"{protocol}://{path}"
+    return path
+
+
+def _from_folder(source: str, fs: Any, root: str, storage_options: dict | None, classes: Sequence[str] | None,
+                 extensions: tuple[str, ...]) -> ImageSource:
+    found = fs.find(root, detail=True)
+    rows: list[tuple[str, str, int]] = []
+    stray = 0
+    root = root.rstrip("/")
+    for path, detail in sorted(found.items()):
+        rel = path[len(root):].lstrip("/")
+        parts = rel.split("/")
+        name = parts[-1]
+        if name.startswith(".") or not name.lower().endswith(extensions):
+            continue
+        if len(parts) < 2:
+            stray += 1
+            continue
+        rows.append((_full_uri(source, fs, path), parts[0], int(detail.get("size") or -1)))
+    if stray:
+        log.warning("%d image files directly under %s have no class folder and were skipped", stray, source)
+    if not rows:
+        raise ValueError(f"no images under {source!r}: expected <class>/<image> files with extensions {', '.join(extensions)}")
+    names = sorted({r[1] for r in rows})
+    mapping = _class_mapping(names, classes, source)
+    table = pa.table({
+        "row_id": pa.array(np.arange(len(rows), dtype=np.int64)),
+        "path": pa.array([r[0] for r in rows], pa.string()),
+        "label": pa.array([mapping[r[1]] for r in rows], pa.int32()),
+        "size": pa.array([r[2] for r in rows], pa.int64()),
+    })
+    return ImageSource(source, table, tuple(classes) if classes else tuple(names), "folder", storage_options)
+
+
+def _class_mapping(names: Sequence[str], classes: Sequence[str] | None, source: str) -> dict[str, int]:
+    if classes is None:
+        return {c: i for i, c in enumerate(names)}
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise ValueError(f"{source!r} has classes {unknown[:10]} that are not in the given classes {list(classes)[:20]}")
+    return {c: i for i, c in enumerate(classes)}
+
+
+def _from_manifest(source: str, fs: Any, path: str, storage_options: dict | None,
+                   classes: Sequence[str] | None) -> ImageSource:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f) if path.lower().endswith(".parquet") else pacsv.read_csv(f)
+    if "path" not in table.column_names:
+        raise ValueError(f"manifest {source!r} needs a 'path' column; it has {table.column_names}")
+    base = posixpath.dirname(path)
+    paths = []
+    for p in table.column("path").to_pylist():
+        if p is None or p == "":
+            raise ValueError(f"manifest {source!r} has an empty path")
+        if "://" in p:
+            paths.append(p)
+        elif p.startswith("/"):
+            paths.append(_full_uri(source, fs, p))
+        else:
+            paths.append(_full_uri(source, fs, posixpath.join(base, p)))
+    n = len(paths)
+    if n == 0:
+        raise ValueError(f"manifest {source!r} lists no images")
+    if "label" in table.column_names:
+        raw = table.column("label").to_pylist()
+        if any(v is None for v in raw):
+            raise ValueError(f"manifest {source!r} has rows without a label")
+        if all(isinstance(v, (int, np.integer)) for v in raw):
+            top = max(raw)
+            names = tuple(classes) if classes else tuple(str(i) for i in range(top + 1))
+            bad = sorted({v for v in raw if v < 0 or v >= len(names)})
+            if bad:
+                raise ValueError(f"manifest {source!r} has labels {bad[:10]} outside 0..{len(names) - 1}")
+            labels = np.asarray(raw, dtype=np.int32)
+        else:
+            raw = [str(v) for v in raw]
+            mapping = _class_mapping(sorted(set(raw)), classes, source)
+            names = tuple(classes) if classes else tuple(sorted(set(raw)))
+            labels = np.asarray([mapping[v] for v in raw], dtype=np.int32)
+    else:
+        names = tuple(classes or ())
+        labels = np.full(n, -1, dtype=np.int32)
+    out = pa.table({
+        "row_id": pa.array(np.arange(n, dtype=np.int64)),
+        "path": pa.array(paths, pa.string()),
+        "label": pa.array(labels, pa.int32()),
+        "size": pa.array(np.full(n, -1, dtype=np.int64)),
+    })
+    return ImageSource(source, out, names, "manifest", storage_options)
+
+
+# ---------------------------------------------------------------------------------------
+# the CPU stage: read bytes + decode + resize + crop
+
+
+def read_and_decode(
+    batch: dict[str, np.ndarray],
+    preprocessing: dict[str, Any],
+    storage_options: dict[str, Any] | None = None,
+    augment: bool = False,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Ray Data batch function: read each ``path`` and turn it into uint8 (H, W, C) pixels.
+
+    A file that cannot be read or decoded becomes an error row (``error`` holds the
+    reason, ``pixels`` are zeros); the batch never fails for one bad file.
+    ``augment`` applies torchvision's standard training augmentation (random resized
+    crop, horizontal flip), seeded per row from ``seed`` and the row id.
+    """
+    config = PreprocessConfig.from_dict(preprocessing)
+    c, h, w = config.input_size
+    paths = [str(p) for p in batch["path"]]
+    n = len(paths)
+    pixels = np.zeros((n, h, w, c), dtype=np.uint8)
+    errors = [""] * n
+    blobs = _read_all(paths, storage_options)
+    for i, blob in enumerate(blobs):
+        if isinstance(blob, Exception):
+            errors[i] = f"cannot read: {type(blob).__name__}: {blob}"
+            continue
+        try:
+            img = decode_image(blob, c)
+            if augment:
+                img = _augment(img, config, seed, int(batch["row_id"][i]))
+            pixels[i] = resize_crop(img, config).reshape(h, w, c)
+        except Exception as exc:  # a bad file is an error row, never a failed job
+            errors[i] = str(exc) or type(exc).__name__
+    out = {k: v for k, v in batch.items() if k != "size"}
+    out["pixels"] = pixels
+    out["error"] = np.asarray(errors, dtype=object)
+    return out
+
+
+def _read_all(paths: list[str], storage_options: dict[str, Any] | None) -> list[bytes | Exception]:
+    if not paths:
+        return []
+    fs, _ = storage.filesystem(paths[0], storage_options)
+    stripped = [fs._strip_protocol(p) for p in paths]  # fsspec's own URI -> path rule
+    try:
+        # async filesystems (s3fs, gcsfs) fetch these concurrently
+        got = fs.cat(stripped, on_error="return")
+    except Exception:  # some filesystems lack on_error: one file at a time
+        got = {}
+        for p in stripped:
+            try:
+                got[p] = fs.cat_file(p)
+            except Exception as exc:
+                got[p] = exc
+    if not isinstance(got, dict):
+        got = {stripped[0]: got}
+    return [got.get(p, FileNotFoundError(p)) for p in stripped]
+
+
+def _augment(img: Any, config: PreprocessConfig, seed: int, row_id: int) -> Any:
+    """Random resized crop (scale 0.08-1, ratio 3/4-4/3) and horizontal flip; the result
+    is then resized to ``resize_size`` and centre-cropped like an eval image, which keeps
+    it the same size."""
+    import math
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(hash((seed, row_id)))
+    width, height = img.size
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(0.08, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            img = img.crop((left, top, left + w, top + h))
+            break
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    side = config.resize_size
+    return img.resize((side, side))
