@@ -1,8 +1,25 @@
 """Ray Data and Ray Train for transfer learning: image sources, featurization, feature
 sets, head training, fine-tuning, evaluation and prediction."""
 
+from .evaluate import EvalResult, PredictResult, Scorer, evaluate, predict
 from .features import FeatureMismatch, FeatureSet
 from .featurize import Featurizer, featurize
 from .sources import ImageSource, read_images
+from .train import FitResult, finetune, fit_head
 
-__all__ = ["FeatureMismatch", "FeatureSet", "Featurizer", "ImageSource", "featurize", "read_images"]
+__all__ = [
+    "EvalResult",
+    "FeatureMismatch",
+    "FeatureSet",
+    "Featurizer",
+    "FitResult",
+    "ImageSource",
+    "PredictResult",
+    "Scorer",
+    "evaluate",
+    "featurize",
+    "finetune",
+    "fit_head",
+    "predict",
+    "read_images",
+]

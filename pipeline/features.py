@@ -36,6 +36,7 @@ class FeatureSet:
     uri: str
     manifest: dict[str, Any] = field(repr=False)
     storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    reused: bool = field(default=False, compare=False)  # featurize found it committed and computed nothing
 
     @classmethod
     def open(cls, uri: str, storage_options: dict[str, Any] | None = None) -> "FeatureSet":

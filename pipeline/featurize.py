@@ -227,7 +227,7 @@ def featurize(
     if committed is not None:
         if committed.get("fingerprint") == fp:
             log.info("features at %s are up to date (fingerprint %s): reusing them, nothing recomputed", output, fp)
-            return FeatureSet(output, committed, storage_options)
+            return FeatureSet(output, committed, storage_options, reused=True)
         if not overwrite:
             raise FileExistsError(
                 f"{output!r} already holds features with fingerprint {committed.get('fingerprint')}, "

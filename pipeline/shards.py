@@ -110,7 +110,12 @@ def to_arrow_columns(batch: dict[str, np.ndarray]) -> dict[str, pa.Array]:
     out = {}
     for name, values in batch.items():
         arr = np.asarray(values)
-        if arr.ndim > 1:
+        if arr.ndim > 1 and len(arr) == 0:  # pyarrow cannot infer a tensor type from zero rows
+            value_type = pa.from_numpy_dtype(arr.dtype)
+            tensor_type = pa.fixed_shape_tensor(value_type, list(arr.shape[1:]))
+            storage_type = pa.list_(value_type, int(np.prod(arr.shape[1:])))
+            out[name] = pa.ExtensionArray.from_storage(tensor_type, pa.array([], type=storage_type))
+        elif arr.ndim > 1:
             out[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(arr))
         elif arr.dtype == object:
             out[name] = pa.array([str(v) for v in arr], pa.string())

@@ -35,6 +35,7 @@ __all__ = [
     "parse_weight_init",
     "emit_logits",
     "compute_loss",
+    "probabilities",
     "register_layer",
     "describe",
     "build_module",
@@ -435,8 +436,8 @@ def _targets_for(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def compute_loss(loss: str, values: torch.Tensor, target: torch.Tensor, activation: str | None = None,
-                 logits: bool = False) -> torch.Tensor:
-    """The mean loss of one batch.
+                 logits: bool = False, reduction: str = "mean") -> torch.Tensor:
+    """The loss of one batch (``reduction``: ``"mean"``, ``"sum"`` or ``"none"`` per row).
 
     Args:
         loss: a name in :data:`LOSSES`.
@@ -450,19 +451,47 @@ def compute_loss(loss: str, values: torch.Tensor, target: torch.Tensor, activati
     if loss in ("nll", "cross_entropy"):
         if logits or act in ("identity", "linear"):
             if loss == "nll" and not logits and act in ("identity", "linear"):
-                return F.nll_loss(values, target.long())  # DL4J's NLL on values that are log-probabilities
-            return F.cross_entropy(values, target.long())
+                return F.nll_loss(values, target.long(), reduction=reduction)  # DL4J's NLL on log-probabilities
+            return F.cross_entropy(values, target.long(), reduction=reduction)
         if act == "log_softmax":
-            return F.nll_loss(values, target.long())
-        return F.nll_loss(torch.log(values.clamp_min(1e-12)), target.long())
+            return F.nll_loss(values, target.long(), reduction=reduction)
+        return F.nll_loss(torch.log(values.clamp_min(1e-12)), target.long(), reduction=reduction)
     if loss == "bce":
         t = _targets_for(values, target)
         if logits or act in ("identity", "linear"):
-            return F.binary_cross_entropy_with_logits(values, t)
-        return F.binary_cross_entropy(values.clamp(1e-7, 1 - 1e-7), t)
+            out = F.binary_cross_entropy_with_logits(values, t, reduction="none")
+        else:
+            out = F.binary_cross_entropy(values.clamp(1e-7, 1 - 1e-7), t, reduction="none")
+        return _reduce(out, reduction)
     out = ACTIVATIONS[act](values) if logits else values
     t = _targets_for(out, target)
-    return F.mse_loss(out, t) if loss == "mse" else F.l1_loss(out, t)
+    per = F.mse_loss(out, t, reduction="none") if loss == "mse" else F.l1_loss(out, t, reduction="none")
+    return _reduce(per, reduction)
+
+
+def _reduce(per_value: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Element losses -> mean over everything, sum, or a mean per row."""
+    if reduction == "mean":
+        return per_value.mean()
+    if reduction == "sum":
+        return per_value.sum()
+    return per_value.reshape(per_value.shape[0], -1).mean(1)
+
+
+def probabilities(loss: str, values: torch.Tensor, activation: str | None, logits: bool) -> torch.Tensor:
+    """Class scores in [0, 1] for reporting: softmax for the classification losses (of
+    logits or of log-probabilities), sigmoid for bce, the values themselves otherwise."""
+    loss = canonical_loss(loss)
+    act = activation or "identity"
+    if loss in ("nll", "cross_entropy"):
+        if not logits and act == "softmax":
+            return values
+        if not logits and act == "log_softmax" or (loss == "nll" and not logits and act in ("identity", "linear")):
+            return values.exp()
+        return F.softmax(values, dim=1)
+    if loss == "bce":
+        return values if (not logits and act == "sigmoid") else torch.sigmoid(values)
+    return ACTIVATIONS[act](values) if logits else values
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""The run report: a folder with the resolved config (secrets left unresolved), the model
+summary, per-epoch metrics, the evaluation, timings and throughput, the training curves
+and confusion matrix as PNG, and a Markdown page that shows them."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+import surgery
+from surgery import storage
+
+if TYPE_CHECKING:
+    from .steps import RunOutcome
+
+__all__ = ["write_report", "curves_png", "confusion_png"]
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def curves_png(history: list[dict[str, Any]]) -> bytes:
+    """Loss and accuracy per epoch (train, and validation when present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax_loss.plot(epochs, [h["loss"] for h in history], marker="o", label="train")
+    ax_acc.plot(epochs, [h["accuracy"] for h in history], marker="o", label="train")
+    if history and "val_loss" in history[0]:
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="s", label="validation")
+        ax_acc.plot(epochs, [h["val_accuracy"] for h in history], marker="s", label="validation")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def confusion_png(confusion: list[list[int]], classes: list[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.asarray(confusion)
+    size = max(3.5, 0.45 * len(classes) + 1.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if m[i, j]:
+                ax.text(j, i, str(m[i, j]), ha="center", va="center",
+                        color="white" if m[i, j] > m.max() / 2 else "black", fontsize=8)
+    ax.set_title("confusion matrix")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _keep_references(original: Any, redacted: Any) -> Any:
+    """``redacted``, except that ``${VAR}`` references (which hold no secret) stay as written."""
+    if isinstance(original, dict):
+        return {k: _keep_references(v, redacted[k]) for k, v in original.items()}
+    if isinstance(original, str) and "${" in original:
+        return original
+    return redacted
+
+
+def _redacted_config(outcome: "RunOutcome") -> dict[str, Any]:
+    """The config as written: ${VAR} references stay references; literal secrets are masked."""
+    raw = json.loads(json.dumps(outcome.config.raw, default=str))
+    data = raw.get("data") or {}
+    if isinstance(data.get("storage_options"), dict):
+        data["storage_options"] = _keep_references(data["storage_options"], storage.redact(data["storage_options"]))
+    return raw
+
+
+def write_report(uri: str, outcome: "RunOutcome", storage_options: dict | None = None) -> str:
+    """Write the report folder under ``uri`` and return the page's URI."""
+    files: dict[str, bytes] = {}
+    files["config.yaml"] = yaml.safe_dump(_redacted_config(outcome), sort_keys=False).encode()
+    if outcome.model is not None:
+        files["summary.txt"] = str(surgery.summary(outcome.model)).encode()
+    metrics: dict[str, Any] = {"name": outcome.config.name, "timings_s": {k: round(v, 3) for k, v in outcome.timings.items()}}
+    throughput: dict[str, Any] = {}
+    for split, fset in outcome.features.items():
+        throughput[f"featurize_{split}"] = {
+            "rows": fset.rows, "errors": fset.errors, "reused": fset.reused,
+            "images_per_s": None if fset.reused else fset.manifest.get("images_per_s"),
+            "seconds": fset.manifest.get("seconds"),
+        }
+    if outcome.fit is not None:
+        metrics["history"] = outcome.fit.history
+        metrics["run"] = {"name": outcome.fit.run, "checkpoint": outcome.fit.checkpoint}
+        throughput["train_rows_per_s"] = outcome.fit.rows_per_s
+        files["curves.png"] = curves_png(outcome.fit.history)
+    metrics["throughput"] = throughput
+    if outcome.evaluation is not None:
+        ev = outcome.evaluation
+        files["evaluation.json"] = json.dumps(ev.to_dict(), indent=2).encode()
+        files["confusion.png"] = confusion_png(ev.confusion, list(ev.classes))
+        metrics["evaluation"] = {"accuracy": ev.accuracy, "loss": ev.loss, "macro_f1": ev.macro_f1, "rows": ev.rows,
+                                 "errors": ev.errors}
+    if outcome.predictions is not None:
+        metrics["predictions"] = {"output": outcome.predictions.output, "rows": outcome.predictions.rows,
+                                  "errors": outcome.predictions.errors}
+    files["metrics.json"] = json.dumps(metrics, indent=2, default=str).encode()
+    files["report.md"] = _page(outcome, metrics, files).encode()
+    for name, data in files.items():
+        storage.write_bytes(storage.join(uri, name), data, storage_options)
+    return storage.join(uri, "report.md")
+
+
+def _page(outcome: "RunOutcome", metrics: dict[str, Any], files: dict[str, bytes]) -> str:
+    cfg = outcome.config
+    lines = [f"# freezeray run: {cfg.name}", ""]
+    base = cfg.model.base or cfg.model.load
+    lines += [f"- model: `{base}` (weights: `{cfg.model.weights}`), training mode: {cfg.training.mode}",
+              f"- config: [config.yaml](config.yaml); model summary: [summary.txt](summary.txt)"]
+    if outcome.model_uri:
+        lines.append(f"- saved model: `{outcome.model_uri}`")
+    ev = outcome.evaluation
+    if ev is not None:
+        lines += ["", "## Evaluation", "", f"accuracy **{ev.accuracy:.4f}**, loss {ev.loss:.4f}, macro F1 {ev.macro_f1:.4f} "
+                  f"on {ev.rows} rows ({ev.errors} unreadable)", "",
+                  "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |" for c in ev.per_class]
+        if "confusion.png" in files:
+            lines += ["", "![confusion matrix](confusion.png)"]
+    if outcome.fit is not None:
+        lines += ["", "## Training", "", "![training curves](curves.png)", "",
+                  "| epoch | loss | accuracy | val loss | val accuracy | lr |", "| --- | --- | --- | --- | --- | --- |"]
+        for h in outcome.fit.history:
+            lines.append(f"| {h['epoch'] + 1} | {h['loss']:.4f} | {h['accuracy']:.4f} | {h.get('val_loss', float('nan')):.4f} "
+                         f"| {h.get('val_accuracy', float('nan')):.4f} | {h['lr']:.2e} |")
+    lines += ["", "## Timings and throughput", "", "| step | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in outcome.timings.items()]
+    for key, value in metrics.get("throughput", {}).items():
+        if isinstance(value, dict):
+            rate = "reused (cached)" if value.get("reused") else f"{value.get('images_per_s')} images/s"
+            lines.append(f"- {key}: {value['rows']} rows, {value['errors']} errors, {rate}")
+        elif value is not None:
+            lines.append(f"- {key}: {value:.0f}")
+    return "\n".join(lines) + "\n"

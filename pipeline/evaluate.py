@@ -1,0 +1,317 @@
+"""``pipeline.evaluate`` and ``pipeline.predict``: a model scored over a feature set
+(its head on the features) or over raw images (the whole model), with the same
+actor-pool design as featurization. Metrics are accumulated on the driver batch by batch
+(a confusion matrix and loss sums), so no rows are collected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.fx as fx
+
+import surgery
+from surgery import storage
+from surgery.helper import split
+from surgery.layers import compute_loss, emit_logits, probabilities
+from surgery.objective import LossSpec, loss_specs
+from surgery.preprocess import PreprocessConfig, normalize
+
+from .features import FeatureSet
+from .shards import ERRORS, MANIFEST, ShardPlan, ShardWriter, clear, gather_errors, read_json, shard_path, write_json, write_table
+from .sources import ImageSource, read_and_decode, read_images
+
+__all__ = ["evaluate", "predict", "Scorer", "EvalResult", "PredictResult"]
+
+log = logging.getLogger(__name__)
+
+
+class Scorer:
+    """Ray Data callable class: a model (whole, on pixels; or its head, on features),
+    loaded once per actor, mapping a batch to predictions, class probabilities and the
+    per-row loss. Testable without Ray: pass the graph itself."""
+
+    def __init__(self, model: Any, inputs: Literal["pixels", "features"], loss: dict[str, Any],
+                 preprocessing: dict[str, Any] | None = None, feature_columns: Sequence[str] = (),
+                 device: str = "auto", autocast: bool = True, threads: int | None = None) -> None:
+        if isinstance(model, list):
+            import ray
+
+            model = ray.get(model[0])
+        if threads:
+            torch.set_num_threads(int(threads))
+        use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.model = model.to(self.device).eval()
+        self.inputs = inputs
+        self.spec = LossSpec.from_dict(loss)
+        self.config = PreprocessConfig.from_dict(preprocessing) if preprocessing else None
+        self.columns = tuple(feature_columns)
+        self.autocast = autocast and self.device.type == "cuda"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["row_id"])
+        errors = np.asarray(batch["error"], dtype=object) if "error" in batch else np.full(n, "", dtype=object)
+        ok = np.asarray([e == "" for e in errors], dtype=bool)
+        width = self.spec.n_out or 1
+        probs = np.zeros((n, width), dtype=np.float32)
+        losses = np.full(n, np.nan, dtype=np.float32)
+        if ok.any():
+            if self.inputs == "pixels":
+                x = (normalize(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device), self.config),)
+            else:
+                x = tuple(torch.from_numpy(np.asarray(batch[c][ok])).to(self.device, torch.float32) for c in self.columns)
+            amp = torch.autocast("cuda", dtype=torch.float16) if self.autocast else contextlib.nullcontext()
+            with torch.inference_mode(), amp, emit_logits(self.model):
+                out = self.model(*x)
+                z = (out[0] if isinstance(out, tuple) else out).float()
+                p = probabilities(self.spec.loss, z, self.spec.activation, self.spec.logits)
+                labels = torch.from_numpy(np.asarray(batch["label"])[ok].astype(np.int64)).to(self.device)
+                known = labels >= 0
+                if known.any():
+                    per_row = torch.full((int(ok.sum()),), float("nan"), device=self.device)
+                    per_row[known] = compute_loss(self.spec.loss, z[known], labels[known], self.spec.activation,
+                                                  logits=self.spec.logits, reduction="none").float()
+                    losses[ok] = per_row.cpu().numpy()
+            probs = np.zeros((n, p.shape[1]), dtype=np.float32)
+            probs[ok] = p.cpu().numpy()
+        result = {k: batch[k] for k in ("row_id", "path", "label", "shard") if k in batch}
+        result.update(error=errors, probabilities=probs, predicted=probs.argmax(1).astype(np.int32), loss=losses)
+        return result
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate
+
+
+@dataclass
+class EvalResult:
+    """Metrics of a model on a labelled data set."""
+
+    accuracy: float  # share of rows whose top class is the label
+    loss: float  # mean loss of the output layer
+    rows: int  # rows scored
+    errors: int  # inputs that could not be read (images only)
+    classes: tuple[str, ...]  # class names by label
+    confusion: list[list[int]]  # confusion[true][predicted]
+    per_class: list[dict[str, Any]]  # class, precision, recall, f1, support
+    macro_f1: float  # unweighted mean F1 over classes with support
+    seconds: float = 0.0  # wall time
+    source: str = ""  # what was evaluated
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        return d
+
+    def table(self) -> str:
+        """The per-class table as text."""
+        width = max([5] + [len(c["class"]) for c in self.per_class])
+        lines = [f"{'class'.ljust(width)}  precision  recall  f1      support"]
+        for c in self.per_class:
+            lines.append(f"{c['class'].ljust(width)}  {c['precision']:.4f}     {c['recall']:.4f}  {c['f1']:.4f}  {c['support']}")
+        lines.append(f"accuracy {self.accuracy:.4f}  loss {self.loss:.4f}  macro F1 {self.macro_f1:.4f}  rows {self.rows}  errors {self.errors}")
+        return "\n".join(lines)
+
+
+def _metrics(confusion: np.ndarray, loss_sum: float, loss_rows: int, errors: int, classes: Sequence[str],
+             seconds: float, source: str) -> EvalResult:
+    rows = int(confusion.sum())
+    tp = np.diag(confusion).astype(float)
+    per_class = []
+    f1s = []
+    for i, name in enumerate(classes):
+        predicted, support = confusion[:, i].sum(), confusion[i, :].sum()
+        precision = tp[i] / predicted if predicted else 0.0
+        recall = tp[i] / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        if support:
+            f1s.append(f1)
+        per_class.append({"class": str(name), "precision": float(precision), "recall": float(recall),
+                          "f1": float(f1), "support": int(support)})
+    return EvalResult(
+        accuracy=float(tp.sum() / rows) if rows else 0.0,
+        loss=float(loss_sum / loss_rows) if loss_rows else float("nan"),
+        rows=rows, errors=errors, classes=tuple(str(c) for c in classes),
+        confusion=confusion.astype(int).tolist(), per_class=per_class,
+        macro_f1=float(np.mean(f1s)) if f1s else 0.0, seconds=seconds, source=source,
+    )
+
+
+def _is_feature_set(data: Any, storage_options: dict | None) -> bool:
+    if isinstance(data, FeatureSet):
+        return True
+    if isinstance(data, ImageSource):
+        return False
+    return storage.exists(storage.join(str(data), MANIFEST), storage_options)
+
+
+def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batch_size: int, num_actors: int,
+            num_gpus: float | None, cpus_per_actor: float | None, image_size: int | None,
+            classes: Sequence[str] | None) -> tuple[Any, tuple[str, ...], str]:
+    """A Ray Dataset of scored rows for ``data``, its classes, and what it is."""
+    import ray
+    import ray.data
+
+    from .featurize import resolve_preprocessing
+    from .runtime import actor_cpus, cluster_gpus, ensure_ray
+
+    ensure_ray()
+    specs = loss_specs(model)
+    if len(specs) != 1:
+        raise ValueError(f"evaluate/predict need a model with one output; it has {len(specs)}")
+    gpus = (1.0 if cluster_gpus() > 0 else 0.0) if num_gpus is None else float(num_gpus)
+    cpus = cpus_per_actor if cpus_per_actor is not None else actor_cpus(num_actors, gpus > 0)
+    if _is_feature_set(data, storage_options):
+        fset = data if isinstance(data, FeatureSet) else FeatureSet.open(str(data), storage_options)
+        fset.check(model)
+        head = split(model).unfrozen
+        ds = fset.to_dataset()
+        kwargs = {"model": [ray.put(head)], "inputs": "features", "loss": specs[0].to_dict(),
+                  "feature_columns": list(fset.feature_columns)}
+        names, what = fset.classes, f"feature set {fset.uri}"
+    else:
+        src = data if isinstance(data, ImageSource) else read_images(str(data), storage_options, classes=classes)
+        config = resolve_preprocessing(model, None, image_size)
+        table = src.table
+        chunk = 128
+        ds = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, table.num_rows, chunk)])
+        ds = ds.map_batches(read_and_decode, batch_size=32, batch_format="numpy",
+                            fn_kwargs={"preprocessing": config.to_dict(), "storage_options": src.storage_options})
+        kwargs = {"model": [ray.put(model)], "inputs": "pixels", "loss": specs[0].to_dict(), "preprocessing": config.to_dict()}
+        names, what = src.classes, f"images {src.uri}"
+    kwargs["threads"] = max(1, int(cpus)) if gpus == 0 else None
+    ds = ds.map_batches(Scorer, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=kwargs,
+                        compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=gpus, num_cpus=cpus)
+    return ds, tuple(names), what
+
+
+def evaluate(
+    model: fx.GraphModule,
+    data: str | FeatureSet | ImageSource,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    batch_size: int = 256,
+    num_actors: int = 1,
+    num_gpus: float | None = None,
+    cpus_per_actor: float | None = None,
+    image_size: int | None = None,
+    classes: Sequence[str] | None = None,
+) -> EvalResult:
+    """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix of ``model``
+    on labelled ``data``: a committed feature set (URI or :class:`FeatureSet`; the head
+    runs on its features) or an image folder/manifest (the whole model runs on images).
+
+    Raises:
+        FeatureMismatch: a feature set made by another frozen graph.
+        ValueError: unlabeled data, or labels the output cannot score.
+    """
+    started = time.perf_counter()
+    ds, names, what = _scored(model, data, storage_options, batch_size, num_actors, num_gpus, cpus_per_actor,
+                              image_size, classes)
+    spec = loss_specs(model)[0]
+    if spec.n_out is not None and len(names) > spec.n_out:
+        raise ValueError(f"the data has {len(names)} classes but output {spec.vertex!r} has {spec.n_out} units")
+    k = max(len(names), spec.n_out or 0)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    loss_sum, loss_rows, errors, unlabeled = 0.0, 0, 0, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        bad = np.asarray([e != "" for e in batch["error"]], dtype=bool)
+        errors += int(bad.sum())
+        labels = np.asarray(batch["label"])[~bad]
+        predicted = np.asarray(batch["predicted"])[~bad]
+        unlabeled += int((labels < 0).sum())
+        keep = labels >= 0
+        np.add.at(confusion, (labels[keep], np.minimum(predicted[keep], k - 1)), 1)
+        losses = np.asarray(batch["loss"])[~bad][keep]
+        loss_sum += float(np.nansum(losses))
+        loss_rows += int(np.isfinite(losses).sum())
+    if unlabeled:
+        raise ValueError(f"{unlabeled} rows of {what} have no label; evaluate needs labelled data (use predict)")
+    result = _metrics(confusion, loss_sum, loss_rows, errors, list(names) + [str(i) for i in range(len(names), k)],
+                      time.perf_counter() - started, what)
+    log.info("evaluated %s: accuracy %.4f, loss %.4f over %d rows (%d errors)", what, result.accuracy, result.loss,
+             result.rows, result.errors)
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# predict
+
+
+@dataclass
+class PredictResult:
+    output: str  # folder with shards/, errors.parquet and manifest.json
+    rows: int  # predictions written (one per readable input)
+    errors: int  # inputs that could not be read
+    seconds: float
+    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def predict(
+    model: fx.GraphModule,
+    source: str | ImageSource,
+    output: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    batch_size: int = 64,
+    num_actors: int = 1,
+    num_gpus: float | None = None,
+    cpus_per_actor: float | None = None,
+    image_size: int | None = None,
+    shard_rows: int = 4096,
+    overwrite: bool = False,
+) -> PredictResult:
+    """Batch inference from raw images to Parquet under ``output``: one row per readable
+    input (row_id, path, label when known, predicted, class_name, probabilities), an
+    errors table for the rest, and a manifest written last.
+
+    Raises:
+        FileExistsError: ``output`` holds predictions already (and not ``overwrite``).
+    """
+    started = time.perf_counter()
+    if read_json(storage.join(output, MANIFEST), storage_options) is not None:
+        if not overwrite:
+            raise FileExistsError(f"{output!r} already holds predictions; pass overwrite=True or choose another output")
+        clear(output, storage_options)
+    src = source if isinstance(source, ImageSource) else read_images(source, storage_options)
+    info = surgery.get_info(model)
+    class_names = info.classes or src.classes
+    plan = ShardPlan(len(src), shard_rows)
+    table = src.table.append_column("shard", pa.array(plan.shard_of(np.arange(len(src))).astype(np.int64)))
+    ds, _, _ = _scored(model, ImageSource(src.uri, table, src.classes, src.layout, src.storage_options), storage_options,
+                       batch_size, num_actors, num_gpus, cpus_per_actor, image_size, None)
+    writer = ShardWriter(output, storage_options, plan, range(plan.count),
+                         ["row_id", "path", "label", "predicted", "class_name", "probabilities"])
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        predicted = np.asarray(batch["predicted"])
+        batch["class_name"] = np.asarray([class_names[i] if i < len(class_names) else str(i) for i in predicted], dtype=object)
+        writer.add(batch)
+    if writer.open_shards:
+        raise RuntimeError(f"prediction ended with shards {writer.open_shards[:10]} incomplete")
+    errors = gather_errors(output, storage_options, range(plan.count))
+    write_table(storage.join(output, ERRORS), errors, storage_options)
+    manifest = {
+        "format": "freezeray.predictions/1",
+        "model": info.name,
+        "model_fingerprint": surgery.fingerprint(model),
+        "classes": list(class_names),
+        "source": {"uri": src.uri, "layout": src.layout, "rows": len(src), "listing_hash": src.listing_hash()},
+        "rows": writer.rows_written,
+        "errors": int(errors.num_rows),
+        "shards": [{"path": shard_path(i)} for i in range(plan.count)],
+        "errors_file": ERRORS,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(storage.join(output, MANIFEST), manifest, storage_options)
+    seconds = time.perf_counter() - started
+    log.info("predicted %d images (%d errors) in %.1fs -> %s", writer.rows_written, errors.num_rows, seconds, output)
+    return PredictResult(output, writer.rows_written, int(errors.num_rows), seconds, manifest)
