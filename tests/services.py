@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["S3Server", "free_port"]
+__all__ = ["S3Server", "free_port", "die_with_parent"]
 
 _ACCESS_KEY = "freezeray-test-key"
 _SECRET_KEY = "freezeray-test-secret"
@@ -31,6 +31,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def die_with_parent() -> None:
+    """In a child process (``preexec_fn``): get SIGKILL when the test process dies, so a
+    crashed run leaves no server behind (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _weed_binary() -> str:
@@ -95,10 +106,12 @@ class S3Server:
             f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
             "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3_grpc']}",
             f"-s3.config={creds}", f"-metricsPort={ports['metrics']}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners on fixed default ports: off
             "-master.volumeSizeLimitMB=64", "-volume.max=0",
         ]
         log = open(data_dir / "weed.log", "wb")
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=die_with_parent)
         server = cls(f"http://127.0.0.1:{ports['s3']}", _ACCESS_KEY, _SECRET_KEY, process, data_dir)
         deadline = time.monotonic() + timeout
         while True:

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import yaml
 from imagesets import write_image_folder
 from jobs.cli import STEPS, main
 from jobs.config import ConfigError, load_config, parse_config
-from services import free_port
+from services import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -130,24 +131,43 @@ def test_cluster_yaml_fits_rays_schema():
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A separate Ray head started with `ray start --head` on loopback (with the job server)."""
-    port, dash = free_port(), free_port()
+    """A separate Ray head (`ray start --head --block`) on loopback, with the job server.
+
+    It is stopped by signalling its own `ray start` process, never with `ray stop`, which
+    would also stop the test session's Ray.
+    """
     import secrets
 
+    port, dash = free_port(), free_port()
     # token authentication on, with a token of this test's own (Ray 2.60 enables it by default)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     temp = Path("/tmp") / f"rayhead-{port}"
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                    "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", f"--temp-dir={temp}", "--object-store-memory=500000000",
-                    "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={temp}", "--object-store-memory=500000000", "--disable-usage-stats"],
+        env=env, stdout=open(tmp_path / "ray-head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
     try:
+        deadline = time.monotonic() + 180
+        while True:  # the job server answers once the head is up
+            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", f"http://127.0.0.1:{dash}"],
+                                   env=env, capture_output=True, timeout=60)
+            if probe.returncode == 0:
+                break
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head did not start; see {tmp_path / 'ray-head.log'}")
+            time.sleep(2)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
-                       capture_output=True, timeout=120)
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -174,11 +194,15 @@ def test_ray_job_submit_runs_a_config_and_writes_to_s3(ray_head, s3_server, s3_b
     runtime_env = {"working_dir": str(ROOT), "excludes": [".venv", ".git", "freezeray-out"],
                    "env_vars": {"S3_KEY": s3_server.access_key, "S3_SECRET": s3_server.secret_key,
                                 "S3_ENDPOINT": s3_server.endpoint_url, "RAY_USAGE_STATS_ENABLED": "0"}}
-    proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env),
-         "--", "python", "-m", "jobs.run", "--config", str(path)],
-        capture_output=True, text=True, env=env, timeout=900,
-    )
+    for _ in range(30):  # the head's job agent registers a little after its job server answers
+        proc = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env),
+             "--", "python", "-m", "jobs.run", "--config", str(path)],
+            capture_output=True, text=True, env=env, timeout=900,
+        )
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout and "accuracy" in proc.stdout
     assert fs.exists(f"{s3_bucket}/model/recipe.json") and fs.exists(f"{s3_bucket}/features/train/manifest.json")
