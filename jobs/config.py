@@ -71,7 +71,7 @@ class DataSection:
 class FeaturizeSection:
     output: str | None  # folder for feature sets (one sub-folder per split)
     boundary: str | list[str] | None  # featurize at this vertex instead of the frozen set
-    num_actors: int  # model actors
+    num_actors: int | None  # model actors (None: one per GPU, or per core on CPU, see pipeline.featurize)
     num_gpus: float | None  # GPUs per actor (None: 1 when the cluster has GPUs)
     cpus_per_actor: float | None  # CPUs per actor (None: automatic)
     batch_size: int  # images per model call
@@ -291,7 +291,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", base_dir: str = 
                                           "batch_size", "dtype", "image_size", "shard_rows", "overwrite"})
     feat = FeaturizeSection(
         c.value(f, "featurize.output", "str"), c.value(f, "featurize.boundary", "str|list"),
-        c.value(f, "featurize.num_actors", "int+", 1), c.value(f, "featurize.num_gpus", "num0"),
+        c.value(f, "featurize.num_actors", "int+"), c.value(f, "featurize.num_gpus", "num0"),
         c.value(f, "featurize.cpus_per_actor", "num+"), c.value(f, "featurize.batch_size", "int+", 64),
         c.value(f, "featurize.dtype", "str", "float16", ("float16", "float32")),
         c.value(f, "featurize.image_size", "int+"), c.value(f, "featurize.shard_rows", "int+"),

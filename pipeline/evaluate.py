@@ -27,7 +27,7 @@ from surgery.preprocess import PreprocessConfig, normalize
 
 from .features import FeatureSet
 from .shards import ERRORS, MANIFEST, ShardPlan, ShardWriter, clear, gather_errors, read_json, shard_path, write_json, write_table
-from .sources import ImageSource, read_and_decode, read_images
+from .sources import ImageSource, decode_memory, read_and_decode, read_images
 
 __all__ = ["evaluate", "predict", "Scorer", "EvalResult", "PredictResult"]
 
@@ -154,7 +154,7 @@ def _is_feature_set(data: Any, storage_options: dict | None) -> bool:
     return storage.exists(storage.join(str(data), MANIFEST), storage_options)
 
 
-def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batch_size: int, num_actors: int,
+def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batch_size: int, num_actors: int | None,
             num_gpus: float | None, cpus_per_actor: float | None, image_size: int | None,
             classes: Sequence[str] | None) -> tuple[Any, tuple[str, ...], str]:
     """A Ray Dataset of scored rows for ``data``, its classes, and what it is."""
@@ -162,15 +162,16 @@ def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batc
     import ray.data
 
     from .featurize import resolve_preprocessing
-    from .runtime import actor_cpus, cluster_gpus, ensure_ray
+    from .runtime import ensure_ray, plan_actors
 
     ensure_ray()
     specs = loss_specs(model)
     if len(specs) != 1:
         raise ValueError(f"evaluate/predict need a model with one output; it has {len(specs)}")
-    gpus = (1.0 if cluster_gpus() > 0 else 0.0) if num_gpus is None else float(num_gpus)
-    cpus = cpus_per_actor if cpus_per_actor is not None else actor_cpus(num_actors, gpus > 0)
-    if _is_feature_set(data, storage_options):
+    on_features = _is_feature_set(data, storage_options)
+    # a head on features is cheap: one actor, unless asked; images get the featurization plan
+    pool = plan_actors(num_actors if num_actors is not None or not on_features else 1, num_gpus, cpus_per_actor, None)
+    if on_features:
         fset = data if isinstance(data, FeatureSet) else FeatureSet.open(str(data), storage_options)
         fset.check(model)
         head = split(model).unfrozen
@@ -185,12 +186,13 @@ def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batc
         chunk = 128
         ds = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, table.num_rows, chunk)])
         ds = ds.map_batches(read_and_decode, batch_size=32, batch_format="numpy",
-                            fn_kwargs={"preprocessing": config.to_dict(), "storage_options": src.storage_options})
+                            fn_kwargs={"preprocessing": config.to_dict(), "storage_options": src.storage_options},
+                            num_cpus=1, memory=decode_memory(config, 32))
         kwargs = {"model": [ray.put(model)], "inputs": "pixels", "loss": specs[0].to_dict(), "preprocessing": config.to_dict()}
         names, what = src.classes, f"images {src.uri}"
-    kwargs["threads"] = max(1, int(cpus)) if gpus == 0 else None
+    kwargs["threads"] = pool.threads
     ds = ds.map_batches(Scorer, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=kwargs,
-                        compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=gpus, num_cpus=cpus)
+                        compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus)
     return ds, tuple(names), what
 
 
@@ -200,7 +202,7 @@ def evaluate(
     *,
     storage_options: dict[str, Any] | None = None,
     batch_size: int = 256,
-    num_actors: int = 1,
+    num_actors: int | None = None,
     num_gpus: float | None = None,
     cpus_per_actor: float | None = None,
     image_size: int | None = None,
@@ -263,7 +265,7 @@ def predict(
     *,
     storage_options: dict[str, Any] | None = None,
     batch_size: int = 64,
-    num_actors: int = 1,
+    num_actors: int | None = None,
     num_gpus: float | None = None,
     cpus_per_actor: float | None = None,
     image_size: int | None = None,

@@ -41,7 +41,7 @@ from surgery.preprocess import PreprocessConfig, normalize
 from .features import FEATURES_FORMAT, FeatureSet
 from .shards import (ATTEMPT, ERRORS, MANIFEST, ShardPlan, ShardWriter, clear, completed_shards, gather_errors,
                      read_json, shard_path, write_json, write_table)
-from .sources import ImageSource, read_and_decode, read_images
+from .sources import ImageSource, decode_memory, read_and_decode, read_images
 
 __all__ = ["featurize", "Featurizer", "feature_model", "resolve_preprocessing"]
 
@@ -167,9 +167,10 @@ def featurize(
     image_size: int | None = None,
     dtype: FeatureDtype = "float16",
     batch_size: int = 64,
-    num_actors: int = 1,
+    num_actors: int | None = None,
     num_gpus: float | None = None,
     cpus_per_actor: float | None = None,
+    threads_per_actor: int | None = None,
     decode_batch_size: int = 32,
     shard_rows: int | None = None,
     shard_bytes: int = 64 << 20,
@@ -189,9 +190,12 @@ def featurize(
         image_size: shorthand for another input size (e.g. smaller images for a quick run).
         dtype: ``"float16"`` (half the bytes) or ``"float32"``.
         batch_size: images per model call.
-        num_actors: model actors (each loads the frozen sub-graph once).
+        num_actors: model actors (each loads the frozen sub-graph once); None: one per GPU,
+            or on CPU-only clusters one per core up to 8 (see ``runtime.plan_actors``).
         num_gpus: GPUs per actor; None: 1 when the cluster has GPUs, else 0.
         cpus_per_actor: CPUs reserved per actor; None: 1 with GPUs, else what decoding leaves.
+        threads_per_actor: torch threads per CPU actor; None: the cluster's CPUs shared by
+            the actors (Ray's CPU reservations are logical; decoding is a small share).
         decode_batch_size: images per decode task.
         shard_rows: rows per Parquet shard; None: as many as fit in ``shard_bytes``.
         autocast: fp16 autocast on GPU actors.
@@ -208,11 +212,11 @@ def featurize(
     """
     import ray
 
-    from .runtime import actor_cpus, cluster_gpus, ensure_ray
+    from .runtime import ensure_ray, plan_actors
 
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
-    for name, value in (("batch_size", batch_size), ("num_actors", num_actors), ("decode_batch_size", decode_batch_size)):
+    for name, value in (("batch_size", batch_size), ("decode_batch_size", decode_batch_size)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     src = source if isinstance(source, ImageSource) else read_images(source, storage_options)
@@ -265,21 +269,20 @@ def featurize(
                          on_shard=progress)
     if table.num_rows:
         ensure_ray()
-        gpus = (1.0 if cluster_gpus() > 0 else 0.0) if num_gpus is None else float(num_gpus)
-        cpus = cpus_per_actor if cpus_per_actor is not None else actor_cpus(num_actors, gpus > 0)
+        pool = plan_actors(num_actors, num_gpus, cpus_per_actor, threads_per_actor)
         model_ref = ray.put(parts.frozen)
         chunk = max(1, min(rows_per_shard, 4 * decode_batch_size))
         blocks = [table.slice(i, chunk) for i in range(0, table.num_rows, chunk)]
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(read_and_decode, batch_size=decode_batch_size, batch_format="numpy",
                             fn_kwargs={"preprocessing": config.to_dict(), "storage_options": src.storage_options},
-                            num_cpus=1)
+                            num_cpus=1, memory=decode_memory(config, decode_batch_size))
         ds = ds.map_batches(
             Featurizer, batch_size=batch_size, batch_format="numpy",
             fn_constructor_kwargs={"model": [model_ref], "preprocessing": config.to_dict(), "dtype": dtype,
                                    "feature_shapes": [list(s) for s in shapes], "autocast": autocast,
-                                   "threads": max(1, int(cpus)) if gpus == 0 else None},
-            compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=gpus, num_cpus=cpus,
+                                   "threads": pool.threads},
+            compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             writer.add(batch)

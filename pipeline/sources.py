@@ -28,7 +28,7 @@ import pyarrow as pa
 from surgery import storage
 from surgery.preprocess import PreprocessConfig, decode_image, resize_crop
 
-__all__ = ["ImageSource", "read_images", "IMAGE_EXTENSIONS", "read_and_decode"]
+__all__ = ["ImageSource", "read_images", "IMAGE_EXTENSIONS", "read_and_decode", "decode_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,17 @@ def read_and_decode(
     out["pixels"] = pixels
     out["error"] = np.asarray(errors, dtype=object)
     return out
+
+
+def decode_memory(config: PreprocessConfig, batch_size: int) -> int:
+    """Bytes a decode task needs: its worker process (which imports torch through this
+    package, about 0.5 GB) plus one batch of decoded images (taken as twice the resized
+    size) and the uint8 pixels it returns. Declaring it to Ray as the task's ``memory``
+    also keeps Ray Data from fusing the decode stage into the model actors that follow
+    (their remote arguments differ), so decoding runs in its own tasks."""
+    c, h, w = config.input_size
+    per_image = (config.resize_size ** 2) * c * 2 + h * w * c
+    return int(512 * 2**20 + batch_size * per_image)
 
 
 def _read_all(paths: list[str], storage_options: dict[str, Any] | None) -> list[bytes | Exception]:

@@ -185,7 +185,7 @@ def test_ray_job_submit_runs_a_config_and_writes_to_s3(ray_head, s3_server, s3_b
         "data": {"train": f"s3://{s3_bucket}/images", "test": f"s3://{s3_bucket}/images",
                  "storage_options": {"key": "${S3_KEY}", "secret": "${S3_SECRET}",
                                      "client_kwargs": {"endpoint_url": "${S3_ENDPOINT}"}}},
-        "featurize": {"output": f"s3://{s3_bucket}/features", "image_size": 32, "cpus_per_actor": 1},
+        "featurize": {"output": f"s3://{s3_bucket}/features", "image_size": 32},
         "training": {"num_workers": 1, "epochs": 2, "batch_size": 8, "storage": f"s3://{s3_bucket}/runs"},
         "outputs": {"model": f"s3://{s3_bucket}/model", "report": f"s3://{s3_bucket}/report"},
     }

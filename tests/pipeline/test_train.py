@@ -48,7 +48,7 @@ def shapes(tmp_path_factory, ray_session, lite0_imagenet):
             (root / "val" / p).write_bytes(b)
     ftc = FineTuneConfiguration(updater="adam", lr=3e-3, seed=11)
     model = _head_model(lite0_imagenet, 3, ftc)
-    kw = dict(image_size=64, dtype="float32", cpus_per_actor=1)
+    kw = dict(image_size=64, dtype="float32")
     train = featurize(model, str(root / "train"), str(root / "f-train"), **kw)
     val = featurize(model, str(root / "val"), str(root / "f-val"), **kw)
     return {"root": root, "model": model, "train": train, "val": val}
@@ -113,7 +113,7 @@ def test_bad_input_is_refused_before_any_work(shapes, tmp_path, tiny_name, lite0
     for p, b in bad_files().items():
         (empty / p).parent.mkdir(parents=True, exist_ok=True)
         (empty / p).write_bytes(b)
-    none = featurize(shapes["model"], str(empty), str(tmp_path / "f-empty"), image_size=64, cpus_per_actor=1)
+    none = featurize(shapes["model"], str(empty), str(tmp_path / "f-empty"), image_size=64)
     assert none.rows == 0 and none.errors == 3
     with pytest.raises(ValueError, match="zero rows"):
         fit_head(shapes["model"], none)
@@ -126,7 +126,7 @@ def test_head_weights_equal_end_to_end_training(ray_session, tmp_path, tiny_name
     model = (TransferLearning(surgery.zoo.load(tiny_name)).fine_tune_configuration(ftc).set_feature_extractor("flatten")
              .remove_vertex_and_connections("fc1").add_layer("hidden", Dense(12, activation="tanh"), "flatten")
              .add_layer("out", Output(3, loss="nll"), "hidden").set_outputs("out").build())
-    fset = featurize(model, str(root), str(tmp_path / "f"), dtype="float32", cpus_per_actor=1)
+    fset = featurize(model, str(root), str(tmp_path / "f"), dtype="float32")
     result = fit_head(model, fset, epochs=2, batch_size=5, num_workers=1, shuffle=False, storage=str(tmp_path / "runs"))
 
     src = read_images(str(root))

@@ -1,0 +1,136 @@
+"""Head training: rows/s of ``fit_head`` (Ray Train, features read through Ray Data)
+against a single-process loop over the same features held in memory, at 100k rows; Ray
+Train's fixed start-up is reported separately.
+
+    python -m benchmarks.head [--rows 100000] [--epochs 2] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .common import RESULTS, frozen_lite0, save_json, start_ray, table
+
+
+def synthetic_features(model: Any, out: str, rows: int, classes: int = 4, rows_per_shard: int = 8192, seed: int = 0) -> Any:
+    """A committed feature set of ``rows`` random features (separable by class) that
+    ``fit_head`` accepts for ``model``: the same writer and manifest as featurize."""
+    import surgery
+    from pipeline.features import FEATURES_FORMAT, FeatureSet
+    from pipeline.shards import ERRORS, MANIFEST, shard_path, to_arrow_columns, write_json, write_table
+    from surgery import storage
+
+    parts = surgery.split(model)
+    width = 1280
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (classes, width)).astype(np.float32)
+    shards = []
+    for i in range(math.ceil(rows / rows_per_shard)):
+        n = min(rows_per_shard, rows - i * rows_per_shard)
+        labels = rng.integers(0, classes, n).astype(np.int32)
+        feats = (centres[labels] + rng.normal(0, 2.0, (n, width))).astype(np.float16)
+        ids = np.arange(i * rows_per_shard, i * rows_per_shard + n, dtype=np.int64)
+        table_ = pa.table(to_arrow_columns({"row_id": ids, "path": np.asarray([f"synthetic/{j}" for j in ids], dtype=object),
+                                            "label": labels, "features": feats}))
+        size = write_table(storage.join(out, shard_path(i)), table_, None)
+        shards.append({"path": shard_path(i), "rows": n, "bytes": size})
+    write_table(storage.join(out, ERRORS), pa.table({"row_id": pa.array([], pa.int64()), "path": pa.array([], pa.string()),
+                                                     "reason": pa.array([], pa.string())}), None)
+    manifest = {"format": FEATURES_FORMAT, "fingerprint": "synthetic", "model_fingerprint": surgery.frozen_fingerprint(model),
+                "model": "efficientnet_lite0", "boundary": list(parts.boundary), "feature_columns": ["features"],
+                "feature_shapes": [[width]], "dtype": "float16", "preprocessing": surgery.get_info(model).preprocessing.to_dict(),
+                "classes": [f"class{c}" for c in range(classes)], "source": {"uri": "synthetic", "rows": rows},
+                "rows": rows, "errors": 0, "errors_file": ERRORS, "shards": shards}
+    write_json(storage.join(out, MANIFEST), manifest, None)
+    return FeatureSet.open(out)
+
+
+def single_process(model: Any, features: Any, epochs: int, batch_size: int) -> dict[str, float]:
+    """The loop a user writes for features that fit in memory: one process, shuffled batches."""
+    import surgery
+    from surgery.layers import emit_logits
+
+    t = time.perf_counter()
+    x, y = features.to_tensors()
+    load_s = time.perf_counter() - t
+    head = surgery.split(model).unfrozen
+    config = surgery.get_info(model).fine_tune
+    optimizer = config.build_optimizer(head)
+    specs = surgery.loss_specs(model)
+    torch.manual_seed(0)
+    head.train()
+    t = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(y))
+        for i in range(0, len(y), batch_size):
+            idx = order[i:i + batch_size]
+            with emit_logits(head):
+                loss = surgery.objective(specs, head(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    train_s = time.perf_counter() - t
+    return {"load_s": load_s, "train_s": train_s, "rows_per_s": epochs * len(y) / train_s, "total_s": load_s + train_s}
+
+
+def run(rows: int = 100_000, epochs: int = 2, batch_size: int = 256, workers: int = 2) -> dict[str, Any]:
+    import pipeline
+
+    model, _ = frozen_lite0()
+    work = Path(tempfile.mkdtemp(prefix="fr-head-"))
+    try:
+        features = synthetic_features(model, str(work / "features"), rows)
+        base = single_process(model, features, epochs, batch_size)
+        start_ray()
+        t = time.perf_counter()
+        result = pipeline.fit_head(model, features, epochs=epochs, batch_size=batch_size, num_workers=workers,
+                                   storage=str(work / "runs"))
+        total = time.perf_counter() - t
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    epoch_s = sum(h["seconds"] for h in result.history)
+    trained_rows = sum(h["rows"] for h in result.history)
+    ours = {"total_s": total, "train_s": epoch_s, "rows_per_s": trained_rows / epoch_s, "startup_s": total - epoch_s}
+    return {
+        "settings": {"rows": rows, "epochs": epochs, "batch_size": batch_size, "workers": workers, "features": 1280},
+        "rows": [{"system": "single process, features in memory", **base},
+                 {"system": f"fit_head, {workers} Ray Train workers", **ours}],
+        "ratio_rows_per_s": ours["rows_per_s"] / base["rows_per_s"],
+        "ratio_total": base["total_s"] / total,
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    return "\n".join([
+        table(result["rows"], ["system", "rows_per_s", "train_s", "total_s", "startup_s", "load_s"]),
+        f"rows/s ratio fit_head / single process: {result['ratio_rows_per_s']:.2f}; "
+        f"end-to-end time ratio: {result['ratio_total']:.2f}",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.head", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    result = run(a.rows, a.epochs, a.batch_size, a.workers)
+    print(report(result))
+    print(f"wrote {save_json('head', result, a.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

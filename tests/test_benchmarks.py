@@ -1,0 +1,46 @@
+"""Every benchmark runs at a tiny size, so none of them can rot."""
+
+import json
+
+import pytest
+
+from benchmarks import cache, featurize, head, scale, storage
+from benchmarks.common import save_json
+
+
+@pytest.mark.slow
+def test_featurize_benchmark(ray_session, tmp_path):
+    result = featurize.run(images=24, batch_size=8, threads=1, workers=1, image_size=64)
+    assert result["cpu"][0]["images_per_s"] > 0 and result["cpu"][1]["rows"] == 24 and result["ratio"] > 0
+    assert set(result["stage_ms_per_image"]) == {"read_ms", "decode_ms", "resize_crop_ms", "model_ms", "write_ms"}
+    assert "ratio freezeray (default plan) / best plain PyTorch" in featurize.report(result)
+    path = save_json("featurize", result, tmp_path)
+    assert json.loads(path.read_text())["machine"]["cpus"] >= 1
+
+
+@pytest.mark.slow
+def test_cache_benchmark(ray_session):
+    result = cache.run(images=24, epoch_counts=(1, 2), batch_size=8, image_size=64)
+    assert [r["epochs"] for r in result["rows"]] == [1, 2] and all(r["ratio"] > 0 for r in result["rows"])
+    assert "limit for N=10" in cache.report(result)
+
+
+@pytest.mark.slow
+def test_head_benchmark(ray_session):
+    result = head.run(rows=3000, epochs=1, batch_size=256, workers=1)
+    assert result["rows"][0]["rows_per_s"] > 0 and result["rows"][1]["startup_s"] > 0
+    assert "rows/s ratio" in head.report(result)
+
+
+@pytest.mark.slow
+def test_scale_benchmark(ray_session):
+    result = scale.run(images=8, factors=(1, 2), image_size=48)
+    assert [r["images"] for r in result["rows"]] == [8, 16] and result["rows"][0]["driver_peak_mb"] > 0
+    assert "peak memory" in scale.report(result)
+
+
+def test_storage_benchmark():
+    result = storage.run(images=16)
+    f16, f32 = result["rows"]
+    assert f16["raw_feature_bytes"] * 2 == f32["raw_feature_bytes"] and 0.45 < result["float16_over_float32"] < 0.56
+    assert "float16 / float32" in storage.report(result)
