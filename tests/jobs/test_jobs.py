@@ -139,6 +139,10 @@ def ray_head(tmp_path):
     import secrets
 
     port, dash = free_port(), free_port()
+    # every port of its own: the test session's Ray already holds the default agent port (52365)
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                   f"--ray-client-server-port={free_port()}"]
     # token authentication on, with a token of this test's own (Ray 2.60 enables it by default)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -146,7 +150,7 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp}", "--object-store-memory=500000000", "--disable-usage-stats"],
+         f"--temp-dir={temp}", "--object-store-memory=500000000", "--disable-usage-stats", *agent_ports],
         env=env, stdout=open(tmp_path / "ray-head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
         preexec_fn=die_with_parent,
     )
@@ -164,7 +168,7 @@ def ray_head(tmp_path):
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
@@ -194,7 +198,7 @@ def test_ray_job_submit_runs_a_config_and_writes_to_s3(ray_head, s3_server, s3_b
     runtime_env = {"working_dir": str(ROOT), "excludes": [".venv", ".git", "freezeray-out"],
                    "env_vars": {"S3_KEY": s3_server.access_key, "S3_SECRET": s3_server.secret_key,
                                 "S3_ENDPOINT": s3_server.endpoint_url, "RAY_USAGE_STATS_ENABLED": "0"}}
-    for _ in range(30):  # the head's job agent registers a little after its job server answers
+    for _ in range(10):  # the head's job agent registers a little after its job server answers
         proc = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", address, "--runtime-env-json", json.dumps(runtime_env),
              "--", "python", "-m", "jobs.run", "--config", str(path)],
