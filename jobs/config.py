@@ -71,7 +71,7 @@ class DataSection:
 class FeaturizeSection:
     output: str | None  # folder for feature sets (one sub-folder per split)
     boundary: str | list[str] | None  # featurize at this vertex instead of the frozen set
-    num_actors: int | None  # model actors (None: one per GPU, or per core on CPU, see pipeline.featurize)
+    num_actors: int | None  # model actors (None: one per GPU, or one on CPU, see pipeline.featurize)
     num_gpus: float | None  # GPUs per actor (None: 1 when the cluster has GPUs)
     cpus_per_actor: float | None  # CPUs per actor (None: automatic)
     batch_size: int  # images per model call

@@ -161,7 +161,7 @@ def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batc
     import ray
     import ray.data
 
-    from .featurize import resolve_preprocessing
+    from .featurize import actor_memory, resolve_preprocessing
     from .runtime import ensure_ray, plan_actors
 
     ensure_ray()
@@ -178,6 +178,7 @@ def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batc
         ds = fset.to_dataset()
         kwargs = {"model": [ray.put(head)], "inputs": "features", "loss": specs[0].to_dict(),
                   "feature_columns": list(fset.feature_columns)}
+        memory = actor_memory(head, None, batch_size)
         names, what = fset.classes, f"feature set {fset.uri}"
     else:
         src = data if isinstance(data, ImageSource) else read_images(str(data), storage_options, classes=classes)
@@ -189,10 +190,12 @@ def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batc
                             fn_kwargs={"preprocessing": config.to_dict(), "storage_options": src.storage_options},
                             num_cpus=1, memory=decode_memory(config, 32))
         kwargs = {"model": [ray.put(model)], "inputs": "pixels", "loss": specs[0].to_dict(), "preprocessing": config.to_dict()}
+        memory = actor_memory(model, config, batch_size)
         names, what = src.classes, f"images {src.uri}"
     kwargs["threads"] = pool.threads
     ds = ds.map_batches(Scorer, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=kwargs,
-                        compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus)
+                        compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
+                        memory=memory)
     return ds, tuple(names), what
 
 

@@ -209,16 +209,21 @@ def _vgg16_rename(state: dict) -> dict:
     return state
 
 
+def _fetch_torchvision(weights: Any, name: str) -> dict:
+    """torchvision's state dict for ``weights`` (a download, or its torch hub cache)."""
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as exc:
+        raise WeightsError(
+            f"could not fetch torchvision's ImageNet weights for {name} ({type(exc).__name__}: {exc}); without a "
+            f"network, pass weights=<path or URI> of a local copy ({weights.url.rsplit('/', 1)[-1]}) or a safetensors file"
+        ) from exc
+
+
 def _vgg16_imagenet(module: nn.Module) -> None:
     from torchvision.models import VGG16_Weights
 
-    try:
-        state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-    except Exception as exc:
-        raise WeightsError(
-            f"could not fetch torchvision's VGG16 ImageNet weights ({type(exc).__name__}: {exc}); without a "
-            "network, pass weights=<path or URI> of a copy of vgg16-397923af.pth or a safetensors file"
-        ) from exc
+    state = _fetch_torchvision(VGG16_Weights.IMAGENET1K_V1, "vgg16")
     load_into_(module, state, "torchvision VGG16_Weights.IMAGENET1K_V1", _vgg16_rename)
 
 
@@ -329,14 +334,7 @@ def _register_torchvision_models(tvm: Any) -> None:
         def imagenet(module: nn.Module, _name: str = tv_name, _enum: Any = weights_enum) -> None:
             if _enum is None:
                 raise WeightsError(f"torchvision has no pretrained weights for {_name}")
-            try:
-                state = _enum.DEFAULT.get_state_dict(progress=False)
-            except Exception as exc:
-                raise WeightsError(
-                    f"could not fetch torchvision's ImageNet weights for {_name} ({type(exc).__name__}: {exc}); "
-                    "without a network, pass weights=<path or URI> of a local copy"
-                ) from exc
-            load_into_(module, state, f"torchvision {_enum.DEFAULT}")
+            load_into_(module, _fetch_torchvision(_enum.DEFAULT, _name), f"torchvision {_enum.DEFAULT}")
 
         _registrar(tv_name, pre, imagenet, None, None)(build)
 

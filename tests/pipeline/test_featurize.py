@@ -159,3 +159,15 @@ def test_read_images_from_a_manifest_and_memory_filesystem(tmp_path):
         read_images(str(tmp_path / "m.parquet"), classes=["a", "b", "c"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_images(str(tmp_path / "nope"))
+
+
+def test_actor_plan_defaults_to_one_actor_per_node_using_its_cores(ray_session):
+    from pipeline.runtime import plan_actors
+
+    plan = plan_actors(None, None, None, None)  # the session: one node, 2 CPUs, no GPU
+    assert (plan.actors, plan.gpus, plan.cpus, plan.threads) == (1, 0.0, 1.0, 2)
+    two = plan_actors(2, None, None, None)
+    assert (two.actors, two.threads) == (2, 1) and two.cpus * 2 <= 1.0
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="num_actors must be a positive integer"):
+            plan_actors(bad, None, None, None)

@@ -54,12 +54,17 @@ def shapes(tmp_path_factory, ray_session, lite0_imagenet):
     return {"root": root, "model": model, "train": train, "val": val}
 
 
-def test_fit_head_two_workers_learns_and_is_reproducible(shapes, tmp_path):
-    runs = []
-    for i in range(2):
-        r = fit_head(shapes["model"], shapes["train"], validation=shapes["val"], epochs=4, batch_size=16,
-                     num_workers=2, cpus_per_worker=1, storage=str(tmp_path / "runs"), name=f"repro-{i}")
-        runs.append(r)
+@pytest.fixture(scope="module")
+def two_runs(shapes, tmp_path_factory):
+    """The same two-worker run twice (a Ray Train run costs about 25 s here, so the
+    evaluation test below reuses the first one's model)."""
+    storage = str(tmp_path_factory.mktemp("runs"))
+    return [fit_head(shapes["model"], shapes["train"], validation=shapes["val"], epochs=4, batch_size=16,
+                     num_workers=2, cpus_per_worker=1, storage=storage, name=f"repro-{i}") for i in range(2)]
+
+
+def test_fit_head_two_workers_learns_and_is_reproducible(shapes, two_runs, tmp_path):
+    runs = two_runs
     r = runs[0]
     assert r.history[-1]["val_accuracy"] >= 0.9
     losses = [h["loss"] for h in r.history]
@@ -75,9 +80,8 @@ def test_fit_head_two_workers_learns_and_is_reproducible(shapes, tmp_path):
     assert torch.equal(back.state_dict()["classifier.linear.weight"], a["classifier.linear.weight"])
 
 
-def test_evaluate_on_features_and_images_agree_and_predict_writes_every_readable_input(shapes, tmp_path):
-    model = fit_head(shapes["model"], shapes["train"], epochs=2, batch_size=16, num_workers=1,
-                     storage=str(tmp_path / "runs")).model
+def test_evaluate_on_features_and_images_agree_and_predict_writes_every_readable_input(shapes, two_runs, tmp_path):
+    model = two_runs[0].model
     on_features = evaluate(model, shapes["val"].uri)
     on_images = evaluate(model, str(shapes["root"] / "val"), image_size=64)
     assert on_features.rows == on_images.rows == 45 and on_images.errors == 2
@@ -207,3 +211,11 @@ def test_finetune_from_images_keeps_frozen_layers_frozen(ray_session, tmp_path, 
     assert not torch.equal(after["conv2.weight"], model.state_dict()["conv2.weight"])
     assert r.history[-1]["loss"] < r.history[0]["loss"] and r.history[-1]["val_rows"] == 18
     assert r.history[-1]["val_accuracy"] >= 0.6
+
+
+def test_early_stopping_ends_a_run_that_stops_improving(shapes, tmp_path, lite0_imagenet):
+    frozen_lr = _head_model(lite0_imagenet, 3, FineTuneConfiguration(updater="sgd", lr=0.0, seed=1))
+    r = fit_head(frozen_lr, shapes["train"], validation=shapes["val"], epochs=10, batch_size=32, num_workers=1,
+                 early_stopping_patience=2, storage=str(tmp_path / "runs"))
+    assert [h["epoch"] for h in r.history] == [0, 1, 2]  # no better validation loss after epoch 0
+    assert r.history[-1]["stopped_early"] and len({h["val_loss"] for h in r.history}) == 1
