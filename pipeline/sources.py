@@ -88,7 +88,8 @@ def read_images(
 
     Args:
         source: a folder or manifest URI (local path, ``file://``, ``s3://``, ``gs://``,
-            ``memory://``, ...).
+            ``memory://``, ...). A ``memory://`` filesystem lives in one process: it
+            can be listed here, but Ray workers in other processes cannot read from it.
         storage_options: fsspec options (endpoint, credentials) for ``source``.
         classes: class names in label order, to fix the mapping (e.g. the training
             set's classes for a test set that lacks some of them).
