@@ -29,7 +29,6 @@ def stage_costs(paths: list[Path], model: Any, config: Any, batch_size: int, thr
     """Milliseconds per image for each stage, measured one stage at a time in this process."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from PIL import Image
 
     from surgery import split
     from surgery.preprocess import decode_image, normalize, resize_crop

@@ -7,7 +7,6 @@ writer featurize uses, against the raw feature size (values x itemsize).
 from __future__ import annotations
 
 import argparse
-import io
 import time
 from pathlib import Path
 from typing import Any

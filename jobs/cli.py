@@ -45,13 +45,16 @@ def _load(path: str, base_dir: str = ""):
         raise SystemExit(2)
 
 
+def _how(fset) -> str:
+    return "reused the cached features" if fset.reused else f"computed, {fset.manifest.get('images_per_s')} images/s"
+
+
 def _print_outcome(outcome, started: float) -> None:
     ev = outcome.evaluation
     if ev is not None:
         print(f"accuracy {ev.accuracy:.4f} on {ev.rows} test images ({ev.errors} unreadable)")
     if outcome.features:
-        parts = [f"{split} {f.rows} rows ({'reused the cached features' if f.reused else 'computed, %s images/s' % f.manifest.get('images_per_s')})"
-                 for split, f in outcome.features.items()]
+        parts = [f"{split} {f.rows} rows ({_how(f)})" for split, f in outcome.features.items()]
         print("features: " + "; ".join(parts))
     if outcome.fit is not None:
         print(f"training: {len(outcome.fit.history)} epochs, run {outcome.fit.run}")
@@ -86,8 +89,7 @@ def _step(name: str, args: argparse.Namespace) -> int:
     steps.connect(args.verbose)
     if name == "featurize":
         for split, fset in steps.featurize_step(cfg, model).items():
-            how = "reused the cached features" if fset.reused else f"{fset.manifest.get('images_per_s')} images/s"
-            print(f"{split}: {fset.rows} rows, {fset.errors} errors -> {fset.uri} ({how})")
+            print(f"{split}: {fset.rows} rows, {fset.errors} errors -> {fset.uri} ({_how(fset)})")
     elif name in ("fit", "finetune"):
         result = steps.fit_step(cfg, model) if name == "fit" else steps.finetune_step(cfg, model)
         last = result.history[-1] if result.history else {}

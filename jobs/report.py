@@ -134,7 +134,7 @@ def _page(outcome: "RunOutcome", metrics: dict[str, Any], files: dict[str, bytes
     lines = [f"# freezeray run: {cfg.name}", ""]
     base = cfg.model.base or cfg.model.load
     lines += [f"- model: `{base}` (weights: `{cfg.model.weights}`), training mode: {cfg.training.mode}",
-              f"- config: [config.yaml](config.yaml); model summary: [summary.txt](summary.txt)"]
+              "- config: [config.yaml](config.yaml); model summary: [summary.txt](summary.txt)"]
     if outcome.model_uri:
         lines.append(f"- saved model: `{outcome.model_uri}`")
     ev = outcome.evaluation

@@ -50,15 +50,11 @@ def resolve(cfg: RunConfig, uri: str | None) -> str | None:
 
 def connect(verbose: bool = False) -> None:
     """Join the cluster in ``RAY_ADDRESS``, or start a local Ray."""
-    import ray
     from ray.data import DataContext
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=verbose)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=verbose)
+    from pipeline.runtime import ensure_ray
+
+    ensure_ray(log_to_driver=verbose)
     DataContext.get_current().enable_progress_bars = True
 
 
@@ -164,8 +160,7 @@ def evaluate_step(cfg: RunConfig, model: fx.GraphModule, features: dict[str, pip
     test = (features or {}).get("test")
     if test is not None and cfg.training.mode == "head":
         try:
-            test.check(model)
-            return pipeline.evaluate(model, test, storage_options=opts)
+            return pipeline.evaluate(model, test, storage_options=opts)  # checks the features first
         except pipeline.FeatureMismatch:
             pass
     return pipeline.evaluate(model, resolve(cfg, cfg.data.test), storage_options=opts,

@@ -27,7 +27,7 @@ from surgery.preprocess import PreprocessConfig, normalize
 
 from .features import FeatureSet
 from .shards import ERRORS, MANIFEST, ShardPlan, ShardWriter, clear, gather_errors, read_json, shard_path, write_json, write_table
-from .sources import ImageSource, decode_memory, read_and_decode, read_images
+from .sources import ImageSource, decode_dataset, read_images, readable
 
 __all__ = ["evaluate", "predict", "Scorer", "EvalResult", "PredictResult"]
 
@@ -60,7 +60,7 @@ class Scorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["row_id"])
         errors = np.asarray(batch["error"], dtype=object) if "error" in batch else np.full(n, "", dtype=object)
-        ok = np.asarray([e == "" for e in errors], dtype=bool)
+        ok = readable(errors)
         width = self.spec.n_out or 1
         probs = np.zeros((n, width), dtype=np.float32)
         losses = np.full(n, np.nan, dtype=np.float32)
@@ -183,12 +183,7 @@ def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batc
     else:
         src = data if isinstance(data, ImageSource) else read_images(str(data), storage_options, classes=classes)
         config = resolve_preprocessing(model, None, image_size)
-        table = src.table
-        chunk = 128
-        ds = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, table.num_rows, chunk)])
-        ds = ds.map_batches(read_and_decode, batch_size=32, batch_format="numpy",
-                            fn_kwargs={"preprocessing": config.to_dict(), "storage_options": src.storage_options},
-                            num_cpus=1, memory=decode_memory(config, 32))
+        ds = decode_dataset(src.table, config, src.storage_options)
         kwargs = {"model": [ray.put(model)], "inputs": "pixels", "loss": specs[0].to_dict(), "preprocessing": config.to_dict()}
         memory = actor_memory(model, config, batch_size)
         names, what = src.classes, f"images {src.uri}"
@@ -229,7 +224,7 @@ def evaluate(
     confusion = np.zeros((k, k), dtype=np.int64)
     loss_sum, loss_rows, errors, unlabeled = 0.0, 0, 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        bad = np.asarray([e != "" for e in batch["error"]], dtype=bool)
+        bad = ~readable(batch["error"])
         errors += int(bad.sum())
         labels = np.asarray(batch["label"])[~bad]
         predicted = np.asarray(batch["predicted"])[~bad]

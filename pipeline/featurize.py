@@ -34,14 +34,13 @@ import torch.fx as fx
 import surgery
 from surgery import storage
 from surgery.freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes
-from surgery.graph import node_shape
 from surgery.helper import split
 from surgery.preprocess import PreprocessConfig, normalize
 
 from .features import FEATURES_FORMAT, FeatureSet
 from .shards import (ATTEMPT, ERRORS, MANIFEST, ShardPlan, ShardWriter, clear, completed_shards, gather_errors,
                      read_json, shard_path, write_json, write_table)
-from .sources import ImageSource, decode_memory, read_and_decode, read_images
+from .sources import ImageSource, decode_dataset, read_images, readable
 
 __all__ = ["featurize", "Featurizer", "feature_model", "resolve_preprocessing", "actor_memory"]
 
@@ -85,7 +84,7 @@ class Featurizer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         errors = np.asarray(batch["error"], dtype=object)
-        ok = np.asarray([e == "" for e in errors], dtype=bool)
+        ok = readable(errors)
         n = len(errors)
         outs: list[np.ndarray] = [np.zeros((n, *s), dtype=self.dtype) for s in self.shapes]
         if ok.any():
@@ -282,12 +281,8 @@ def featurize(
         ensure_ray()
         pool = plan_actors(num_actors, num_gpus, cpus_per_actor, threads_per_actor)
         model_ref = ray.put(parts.frozen)
-        chunk = max(1, min(rows_per_shard, 4 * decode_batch_size))
-        blocks = [table.slice(i, chunk) for i in range(0, table.num_rows, chunk)]
-        ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(read_and_decode, batch_size=decode_batch_size, batch_format="numpy",
-                            fn_kwargs={"preprocessing": config.to_dict(), "storage_options": src.storage_options},
-                            num_cpus=1, memory=decode_memory(config, decode_batch_size))
+        ds = decode_dataset(table, config, src.storage_options, decode_batch_size,
+                            rows_per_block=min(rows_per_shard, 4 * decode_batch_size))
         ds = ds.map_batches(
             Featurizer, batch_size=batch_size, batch_format="numpy",
             fn_constructor_kwargs={"model": [model_ref], "preprocessing": config.to_dict(), "dtype": dtype,

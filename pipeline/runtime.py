@@ -18,12 +18,14 @@ __all__ = ["ensure_ray", "cluster_gpus", "cluster_cpus", "cpu_nodes", "pyarrow_f
 log = logging.getLogger(__name__)
 
 
-def ensure_ray() -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` or start a local Ray, unless connected."""
+def ensure_ray(log_to_driver: bool = True) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` or start a local Ray (without the
+    dashboard), unless connected. ``log_to_driver``: show the workers' output here."""
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         log.info("connecting to Ray at %s", address or "a new local instance")
-        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False if not address else None)
+        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False if not address else None,
+                 log_to_driver=log_to_driver)
 
 
 def cluster_gpus() -> float:

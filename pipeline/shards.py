@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 
 from surgery import storage
 
+from .sources import readable
+
 __all__ = ["ShardPlan", "ShardWriter", "to_arrow_columns", "read_json", "write_json", "read_table", "write_table",
            "MANIFEST", "ATTEMPT", "ERRORS"]
 
@@ -169,7 +171,7 @@ class ShardWriter:
         rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         order = np.argsort(rows["row_id"], kind="stable")
         rows = {k: v[order] for k, v in rows.items()}
-        bad = np.asarray([e != "" for e in rows["error"]], dtype=bool)
+        bad = ~readable(rows["error"])
         if bad.any():
             errors = pa.table({"row_id": pa.array(rows["row_id"][bad].astype(np.int64)),
                                "path": pa.array([str(p) for p in rows["path"][bad]], pa.string()),

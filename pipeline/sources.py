@@ -28,7 +28,8 @@ import pyarrow as pa
 from surgery import storage
 from surgery.preprocess import PreprocessConfig, decode_image, resize_crop
 
-__all__ = ["ImageSource", "read_images", "IMAGE_EXTENSIONS", "read_and_decode", "decode_memory"]
+__all__ = ["ImageSource", "read_images", "IMAGE_EXTENSIONS", "read_and_decode", "decode_memory", "decode_dataset",
+           "readable"]
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,28 @@ def read_and_decode(
     out["pixels"] = pixels
     out["error"] = np.asarray(errors, dtype=object)
     return out
+
+
+def readable(errors: Sequence[str]) -> np.ndarray:
+    """Mask of the rows whose ``error`` is empty: the file was read and decoded."""
+    return np.asarray([e == "" for e in errors], dtype=bool)
+
+
+def decode_dataset(table: pa.Table, config: PreprocessConfig, storage_options: dict[str, Any] | None,
+                   batch_size: int = 32, rows_per_block: int | None = None, augment: bool = False,
+                   seed: int = 0) -> Any:
+    """The rows of ``table`` (``row_id``, ``path``, ...) as a Ray Dataset decoded by
+    :func:`read_and_decode` in tasks of their own (one CPU, ``decode_memory``), ready for
+    a model stage. Blocks of ``rows_per_block`` rows (default: four decode batches) let
+    the decode tasks run in parallel from the start."""
+    import ray.data
+
+    chunk = max(1, rows_per_block or 4 * batch_size)
+    ds = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, table.num_rows, chunk)])
+    return ds.map_batches(read_and_decode, batch_size=batch_size, batch_format="numpy",
+                          fn_kwargs={"preprocessing": config.to_dict(), "storage_options": storage_options,
+                                     "augment": augment, "seed": seed},
+                          num_cpus=1, memory=decode_memory(config, batch_size))
 
 
 def decode_memory(config: PreprocessConfig, batch_size: int) -> int:

@@ -43,7 +43,7 @@ from surgery.objective import LossSpec, check_targets, loss_specs, objective
 from surgery.preprocess import PreprocessConfig, normalize
 
 from .features import FeatureSet
-from .sources import ImageSource, read_and_decode, read_images
+from .sources import ImageSource, decode_dataset, read_images, readable
 
 __all__ = ["fit_head", "finetune", "FitResult", "TrainSettings", "split_rows"]
 
@@ -393,7 +393,6 @@ def fit_head(
         ValueError: zero rows, labels the output cannot score, or a loss that does not fit
             class labels.
     """
-    import ray.data
     import ray.train
 
     from .runtime import ensure_ray
@@ -453,21 +452,14 @@ def _fmt(metrics: dict[str, Any]) -> str:
 
 
 def _drop_errors(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    ok = np.asarray([e == "" for e in batch["error"]], dtype=bool)
+    ok = readable(batch["error"])
     return {k: np.asarray(v)[ok] for k, v in batch.items() if k not in ("error", "path", "shard")}
 
 
 def image_dataset(src: ImageSource, config: PreprocessConfig, augment: bool, seed: int, decode_batch_size: int = 32) -> Any:
     """Decoded, preprocessed images of ``src`` as a Ray Dataset (row_id, label, pixels);
     unreadable files are left out (``evaluate``/``predict`` report them)."""
-    import ray.data
-
-    table = src.table
-    chunk = max(1, 4 * decode_batch_size)
-    ds = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, table.num_rows, chunk)])
-    ds = ds.map_batches(read_and_decode, batch_size=decode_batch_size, batch_format="numpy",
-                        fn_kwargs={"preprocessing": config.to_dict(), "storage_options": src.storage_options,
-                                   "augment": augment, "seed": seed})
+    ds = decode_dataset(src.table, config, src.storage_options, decode_batch_size, augment=augment, seed=seed)
     return ds.map_batches(_drop_errors, batch_format="numpy")
 
 
