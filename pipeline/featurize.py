@@ -35,9 +35,10 @@ import surgery
 from surgery import storage
 from surgery.freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes
 from surgery.helper import split
-from surgery.preprocess import PreprocessConfig, normalize
+from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, normalize
 
 from .features import FEATURES_FORMAT, FeatureSet
+from .lease import OutputLease
 from .shards import (ATTEMPT, ERRORS, MANIFEST, ShardPlan, ShardWriter, clear, completed_shards, gather_errors,
                      read_json, shard_path, write_json, write_table)
 from .sources import ImageSource, decode_dataset, read_images, readable
@@ -187,6 +188,8 @@ def featurize(
     autocast: bool = True,
     overwrite: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    lease_timeout: float = 300.0,
 ) -> FeatureSet:
     """Featurize an image set at the model's frozen boundary and commit it under ``output``.
 
@@ -211,14 +214,21 @@ def featurize(
         autocast: fp16 autocast on GPU actors.
         overwrite: replace an output made with a different fingerprint.
         progress: called on the driver as ``progress(shard, rows, errors)`` after each shard is written.
+        max_image_pixels: images with more pixels become error rows without being decoded
+            (decompression bombs); None: Pillow's own limit only.
+        lease_timeout: seconds after which the output's lease, if its holder on another
+            machine stopped renewing it, is taken over (see :mod:`pipeline.lease`).
 
     Returns:
         the committed :class:`FeatureSet`. Run again with the same inputs, it returns the
-        committed set without model work; after an interrupted run, it finishes the missing
-        shards only.
+        committed set without model work; after an interrupted run (an exception, a killed
+        driver, storage that stayed down), it finishes the missing shards only.
 
     Raises:
         FileExistsError: ``output`` holds features with another fingerprint (and not ``overwrite``).
+        LeaseHeld: another live job is writing to ``output``.
+        StorageUnavailable: storage failed for longer than the retry window; nothing is
+            committed and the shards written so far are kept for the next run.
     """
     import ray
 
@@ -238,66 +248,71 @@ def featurize(
     fp = _fingerprint(model_fp, parts.boundary, config, dtype, src.listing_hash())
 
     committed = read_json(storage.join(output, MANIFEST), storage_options)
-    if committed is not None:
-        if committed.get("fingerprint") == fp:
-            log.info("features at %s are up to date (fingerprint %s): reusing them, nothing recomputed", output, fp)
-            return FeatureSet(output, committed, storage_options, reused=True)
-        if not overwrite:
-            raise FileExistsError(
-                f"{output!r} already holds features with fingerprint {committed.get('fingerprint')}, "
-                f"but this run's fingerprint is {fp} (another model, preprocessing, dtype or input); "
-                "pass overwrite=True to replace them, or choose another output"
-            )
-        clear(output, storage_options)
+    if committed is not None and committed.get("fingerprint") == fp:
+        log.info("features at %s are up to date (fingerprint %s): reusing them, nothing recomputed", output, fp)
+        return FeatureSet(output, committed, storage_options, reused=True)
+    with OutputLease(output, storage_options, lease_timeout) as lease:
+        committed = read_json(storage.join(output, MANIFEST), storage_options)  # again, now that we hold the lease
+        if committed is not None:
+            if committed.get("fingerprint") == fp:
+                return FeatureSet(output, committed, storage_options, reused=True)
+            if not overwrite:
+                raise FileExistsError(
+                    f"{output!r} already holds features with fingerprint {committed.get('fingerprint')}, "
+                    f"but this run's fingerprint is {fp} (another model, preprocessing, dtype or input); "
+                    "pass overwrite=True to replace them, or choose another output"
+                )
+            clear(output, storage_options)
 
-    row_bytes = sum(math.prod(s) for s in shapes) * np.dtype(dtype).itemsize
-    rows_per_shard = shard_rows or int(min(8192, max(64, shard_bytes // max(1, row_bytes))))
-    plan = ShardPlan(len(src), rows_per_shard)
-    attempt = read_json(storage.join(output, ATTEMPT), storage_options)
-    if attempt is not None and (attempt.get("fingerprint") != fp or attempt.get("plan") != plan.to_dict()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{output!r} holds an unfinished featurization with fingerprint {attempt.get('fingerprint')}, "
-                f"not this run's {fp}; pass overwrite=True to discard it, or choose another output"
-            )
-        clear(output, storage_options)
-        attempt = None
-    done = completed_shards(output, storage_options) if attempt is not None else {}
-    if attempt is None:
-        write_json(storage.join(output, ATTEMPT), {"fingerprint": fp, "plan": plan.to_dict()}, storage_options)
-    pending = [i for i in range(plan.count) if i not in done]
-    if done:
-        log.info("resuming featurization at %s: %d of %d shards already written", output, len(done), plan.count)
+        row_bytes = sum(math.prod(s) for s in shapes) * np.dtype(dtype).itemsize
+        rows_per_shard = shard_rows or int(min(8192, max(64, shard_bytes // max(1, row_bytes))))
+        plan = ShardPlan(len(src), rows_per_shard)
+        attempt = read_json(storage.join(output, ATTEMPT), storage_options)
+        if attempt is not None and (attempt.get("fingerprint") != fp or attempt.get("plan") != plan.to_dict()):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{output!r} holds an unfinished featurization with fingerprint {attempt.get('fingerprint')}, "
+                    f"not this run's {fp}; pass overwrite=True to discard it, or choose another output"
+                )
+            clear(output, storage_options)
+            attempt = None
+        done = completed_shards(output, storage_options) if attempt is not None else {}
+        if attempt is None:
+            write_json(storage.join(output, ATTEMPT), {"fingerprint": fp, "plan": plan.to_dict()}, storage_options)
+        pending = [i for i in range(plan.count) if i not in done]
+        if done:
+            log.info("resuming featurization at %s: %d of %d shards already written", output, len(done), plan.count)
 
-    start = time.perf_counter()
-    positions = np.arange(len(src))
-    shard_ids = plan.shard_of(positions)
-    todo = np.isin(shard_ids, pending)
-    table = src.table.append_column("shard", pa.array(shard_ids.astype(np.int64))).filter(pa.array(todo))
-    writer = ShardWriter(output, storage_options, plan, pending,
-                         ["row_id", "path", "label"] + [_column(i, len(shapes)) for i in range(len(shapes))],
-                         on_shard=progress)
-    if table.num_rows:
-        ensure_ray()
-        pool = plan_actors(num_actors, num_gpus, cpus_per_actor, threads_per_actor)
-        model_ref = ray.put(parts.frozen)
-        ds = decode_dataset(table, config, src.storage_options, decode_batch_size,
-                            rows_per_block=min(rows_per_shard, 4 * decode_batch_size))
-        ds = ds.map_batches(
-            Featurizer, batch_size=batch_size, batch_format="numpy",
-            fn_constructor_kwargs={"model": [model_ref], "preprocessing": config.to_dict(), "dtype": dtype,
-                                   "feature_shapes": [list(s) for s in shapes], "autocast": autocast,
-                                   "threads": pool.threads},
-            compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
-            memory=actor_memory(parts.frozen, config, batch_size),
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            writer.add(batch)
-        if writer.open_shards:
-            raise RuntimeError(f"featurization ended with shards {writer.open_shards[:10]} incomplete")
-    seconds = time.perf_counter() - start
-    return _commit(output, storage_options, src, plan, fp, model_fp, feat_model, parts.boundary, shapes, dtype,
-                   config, seconds, writer)
+        start = time.perf_counter()
+        positions = np.arange(len(src))
+        shard_ids = plan.shard_of(positions)
+        todo = np.isin(shard_ids, pending)
+        table = src.table.append_column("shard", pa.array(shard_ids.astype(np.int64))).filter(pa.array(todo))
+        writer = ShardWriter(output, storage_options, plan, pending,
+                             ["row_id", "path", "label"] + [_column(i, len(shapes)) for i in range(len(shapes))],
+                             on_shard=progress, before_write=lease.check)
+        if table.num_rows:
+            ensure_ray()
+            pool = plan_actors(num_actors, num_gpus, cpus_per_actor, threads_per_actor)
+            model_ref = ray.put(parts.frozen)
+            ds = decode_dataset(table, config, src.storage_options, decode_batch_size,
+                                rows_per_block=min(rows_per_shard, 4 * decode_batch_size), max_pixels=max_image_pixels)
+            ds = ds.map_batches(
+                Featurizer, batch_size=batch_size, batch_format="numpy",
+                fn_constructor_kwargs={"model": [model_ref], "preprocessing": config.to_dict(), "dtype": dtype,
+                                       "feature_shapes": [list(s) for s in shapes], "autocast": autocast,
+                                       "threads": pool.threads},
+                compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
+                memory=actor_memory(parts.frozen, config, batch_size),
+            )
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                writer.add(batch)
+            if writer.open_shards:
+                raise RuntimeError(f"featurization ended with shards {writer.open_shards[:10]} incomplete")
+        seconds = time.perf_counter() - start
+        lease.check()
+        return _commit(output, storage_options, src, plan, fp, model_fp, feat_model, parts.boundary, shapes, dtype,
+                       config, seconds, writer)
 
 
 def _commit(output: str, storage_options: dict | None, src: ImageSource, plan: ShardPlan, fp: str, model_fp: str,
@@ -309,9 +324,13 @@ def _commit(output: str, storage_options: dict | None, src: ImageSource, plan: S
     shards = []
     for i in range(plan.count):
         path = shard_path(i)
-        info = fs.info(f"{root.rstrip('/')}/{path}")
-        with fs.open(f"{root.rstrip('/')}/{path}", "rb") as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
+        full = f"{root.rstrip('/')}/{path}"
+
+        def look(full: str = full) -> tuple[dict, int]:
+            with fs.open(full, "rb") as f:
+                return fs.info(full), pq.ParquetFile(f).metadata.num_rows
+
+        info, rows = storage.retrying(look, f"read {storage.join(output, path)}")
         shards.append({"path": path, "rows": int(rows), "bytes": int(info.get("size") or 0)})
     errors = gather_errors(output, storage_options, range(plan.count))
     write_table(storage.join(output, ERRORS), errors, storage_options)
@@ -340,11 +359,13 @@ def _commit(output: str, storage_options: dict | None, src: ImageSource, plan: S
         "seconds": round(seconds, 3),
         "images_per_s": round(images_per_s, 2) if images_per_s else None,
     }
-    write_json(storage.join(output, MANIFEST), manifest, storage_options)
-    try:
-        fs.rm(f"{root.rstrip('/')}/{ATTEMPT}")
-    except FileNotFoundError:
-        pass
+    try:  # the commit: created, never overwritten, so two jobs cannot both commit
+        storage.create_bytes(storage.join(output, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode(),
+                             storage_options)
+    except FileExistsError:
+        raise FileExistsError(f"another job committed features at {output!r} first; this run's shards were not "
+                              "committed") from None
+    storage.delete(storage.join(output, ATTEMPT), storage_options)
     if writer.rows_written or writer.errors_written:
         log.info("featurized %d images (%d errors) in %.1fs: %.1f images/s -> %s", writer.rows_written,
                  writer.errors_written, seconds, images_per_s or 0.0, output)

@@ -101,9 +101,7 @@ def write_table(uri: str, table: pa.Table, storage_options: dict | None) -> int:
 
 
 def read_table(uri: str, storage_options: dict | None) -> pa.Table:
-    fs, path = storage.filesystem(uri, storage_options)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_options)))
 
 
 def to_arrow_columns(batch: dict[str, np.ndarray]) -> dict[str, pa.Array]:
@@ -130,12 +128,15 @@ class ShardWriter:
     """Gathers streamed rows by shard and writes each shard when its last row arrives.
 
     Rows carry ``shard`` (the planned shard) and ``error`` ("" when fine). ``columns``
-    picks the data columns of good rows, in order.
+    picks the data columns of good rows, in order. ``before_write`` runs before each
+    shard is written (the featurization checks its lease there).
     """
 
     def __init__(self, output: str, storage_options: dict | None, plan: ShardPlan, pending: Iterable[int],
-                 columns: list[str], on_shard: Callable[[int, int, int], None] | None = None) -> None:
+                 columns: list[str], on_shard: Callable[[int, int, int], None] | None = None,
+                 before_write: Callable[[], None] | None = None) -> None:
         self.output = output
+        self.before_write = before_write
         self.storage_options = storage_options
         self.plan = plan
         self.columns = columns
@@ -167,6 +168,8 @@ class ShardWriter:
                 self._write(sid)
 
     def _write(self, sid: int) -> None:
+        if self.before_write is not None:
+            self.before_write()
         parts = self._parts.pop(sid)
         rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         order = np.argsort(rows["row_id"], kind="stable")
@@ -190,10 +193,10 @@ def completed_shards(output: str, storage_options: dict | None) -> dict[int, str
     """Shard index -> data file for every shard file present under ``output``."""
     fs, root = storage.filesystem(output, storage_options)
     folder = f"{root.rstrip('/')}/shards"
-    if not fs.exists(folder):
+    if not storage.exists(storage.join(output, "shards"), storage_options):
         return {}
     done = {}
-    for path in fs.ls(folder, detail=False):
+    for path in storage.retrying(lambda: fs.ls(folder, detail=False, refresh=True), f"list {output}/shards"):
         name = path.rsplit("/", 1)[-1]
         if name.startswith("part-") and name.endswith(".parquet"):
             done[int(name[5:10])] = f"shards/{name}"
@@ -202,11 +205,11 @@ def completed_shards(output: str, storage_options: dict | None) -> dict[int, str
 
 def gather_errors(output: str, storage_options: dict | None, shards: Iterable[int]) -> pa.Table:
     tables = []
-    fs, root = storage.filesystem(output, storage_options)
     for i in sorted(shards):
-        uri = storage.join(output, error_path(i))
-        if fs.exists(f"{root.rstrip('/')}/{error_path(i)}"):
-            tables.append(read_table(uri, storage_options))
+        try:
+            tables.append(read_table(storage.join(output, error_path(i)), storage_options))
+        except FileNotFoundError:
+            continue  # the shard had no error rows
     return pa.concat_tables(tables) if tables else _ERROR_SCHEMA.empty_table()
 
 
@@ -215,8 +218,7 @@ def clear(output: str, storage_options: dict | None) -> None:
     fs, root = storage.filesystem(output, storage_options)
     root = root.rstrip("/")
     for name in (MANIFEST, ATTEMPT, ERRORS):
-        if fs.exists(f"{root}/{name}"):
-            fs.rm(f"{root}/{name}")
+        storage.delete(storage.join(output, name), storage_options)
     for folder in ("shards", "errors"):
-        if fs.exists(f"{root}/{folder}"):
-            fs.rm(f"{root}/{folder}", recursive=True)
+        if storage.exists(storage.join(output, folder), storage_options):
+            storage.retrying(lambda: fs.rm(f"{root}/{folder}", recursive=True), f"delete {output}/{folder}")
