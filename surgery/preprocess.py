@@ -11,7 +11,12 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-__all__ = ["PreprocessConfig", "decode_image", "resize_crop", "preprocess_bytes", "normalize"]
+__all__ = ["PreprocessConfig", "decode_image", "resize_crop", "preprocess_bytes", "normalize", "MAX_IMAGE_PIXELS"]
+
+# Images with more pixels are refused before their pixels are decoded (Pillow's own
+# decompression-bomb threshold): a 20,000 x 20,000 PNG is a few hundred KB on disk and
+# 1.2 GB decoded.
+MAX_IMAGE_PIXELS = 89_478_485
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
@@ -90,27 +95,71 @@ class PreprocessConfig:
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
 
 
-def decode_image(data: bytes, channels: int = 3) -> "Image.Image":
-    """Decode image bytes (JPEG, PNG, WebP, GIF, BMP, ...; grayscale, palette and RGBA
-    included) to an RGB (or, for 1 channel, L) image. Alpha is dropped, as torchvision does.
+def decode_image(data: bytes, channels: int = 3, max_pixels: int | None = MAX_IMAGE_PIXELS) -> "Image.Image":
+    """Decode image bytes (JPEG, PNG, WebP, GIF, BMP, TIFF, ...) to an RGB (or, for 1
+    channel, L) image, as torchvision's ``read_image(..., ImageReadMode.RGB)`` would:
+
+    * grayscale, palette, CMYK and RGBA images are converted; alpha is dropped;
+    * 16-bit and 32-bit integer images are scaled to 8 bits (Pillow would clip them);
+      floating-point images in [0, 1] are scaled by 255, others clipped to [0, 255];
+    * animated GIF/WebP and multi-page TIFF: the first frame.
+
+    Args:
+        data: the file's bytes.
+        channels: 3 (RGB) or 1 (L).
+        max_pixels: refuse images with more pixels than this, from the header alone,
+            before decoding (None: no limit of ours; Pillow still refuses above twice
+            its own ``Image.MAX_IMAGE_PIXELS``).
 
     Raises:
-        ValueError: empty, truncated or unreadable data, with the decoder's reason.
+        ValueError: empty, truncated, unreadable or too large data, with the reason.
     """
     import io
+    import warnings
 
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise ValueError("empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with our reason
+            img_cm = Image.open(io.BytesIO(data))
+        with img_cm as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ValueError(f"image too large: {width}x{height} = {width * height:,} pixels is over the limit "
+                                 f"of {max_pixels:,} (a possible decompression bomb); not decoded")
             img.load()  # decode now: truncated files fail here, not later
-            return img.convert("RGB" if channels == 3 else "L")
+            return _to_8bit(img).convert("RGB" if channels == 3 else "L")
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image too large: {exc}") from None
     except UnidentifiedImageError:
         raise ValueError("not an image file PIL can identify") from None
-    except (OSError, SyntaxError) as exc:
+    except (OSError, SyntaxError, EOFError) as exc:
         raise ValueError(f"cannot decode image: {exc}") from None
+
+
+def _to_8bit(img: "Image.Image") -> "Image.Image":
+    """High-bit-depth single-band images as 8-bit L (Pillow's ``convert`` clips them at 255)."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.int64)
+        top = int(arr.max(initial=0))
+        if img.mode.startswith("I;16") or 255 < top <= 65535:
+            arr = arr >> 8  # 16-bit range
+        elif top > 65535:
+            arr = arr * 255 // top
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    return img
 
 
 def resize_crop(img: "Image.Image", config: PreprocessConfig) -> "np.ndarray":
@@ -139,9 +188,9 @@ def resize_crop(img: "Image.Image", config: PreprocessConfig) -> "np.ndarray":
     return np.asarray(img, dtype=np.uint8).reshape(out_h, out_w, -1).copy()
 
 
-def preprocess_bytes(data: bytes, config: PreprocessConfig) -> "np.ndarray":
+def preprocess_bytes(data: bytes, config: PreprocessConfig, max_pixels: int | None = MAX_IMAGE_PIXELS) -> "np.ndarray":
     """Decode + resize + crop: image bytes -> uint8 (H, W, C)."""
-    return resize_crop(decode_image(data, config.input_size[0]), config)
+    return resize_crop(decode_image(data, config.input_size[0], max_pixels), config)
 
 
 def normalize(batch: "torch.Tensor", config: PreprocessConfig, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
