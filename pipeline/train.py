@@ -16,12 +16,16 @@ shuffle buffer seeded by (seed, epoch). ``finetune`` streams decoded images with
 Checkpoints (weights as safetensors, optimizer and schedule state as weights-only torch
 files, metrics history as JSON) go to ``storage/name``; a run started again with the same
 name resumes from its latest checkpoint, and ``max_failures`` lets a run survive workers
-that die.
+that die. ``meta.json`` is written last and holds the size and SHA-256 of the other two
+files: a checkpoint that is partial (a file missing) or corrupt (a file changed) is
+detected when the run resumes, and the newest good checkpoint before it is used instead
+(two are kept).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -45,7 +49,7 @@ from surgery.preprocess import PreprocessConfig, normalize
 from .features import FeatureSet
 from .sources import ImageSource, decode_dataset, read_images, readable
 
-__all__ = ["fit_head", "finetune", "FitResult", "TrainSettings", "split_rows"]
+__all__ = ["fit_head", "finetune", "FitResult", "TrainSettings", "split_rows", "CheckpointError"]
 
 log = logging.getLogger(__name__)
 
@@ -128,23 +132,93 @@ def _score(model: torch.nn.Module, specs: Sequence[LossSpec], inputs: tuple, y: 
     return loss, correct
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is partial or corrupt."""
+
+
+_CHECKPOINT_FILES = ("model.safetensors", "state.pt")
+
+
+def _digest(path: str) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
 def _save_checkpoint(directory: str, model: torch.nn.Module, optimizer: Any, scheduler: Any, meta: dict) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(directory, "model.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, os.path.join(directory, "state.pt"))
-    with open(os.path.join(directory, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    files = {name: _digest(os.path.join(directory, name)) for name in _CHECKPOINT_FILES}
+    with open(os.path.join(directory, "meta.json"), "w") as f:  # last: its presence means the others are complete
+        json.dump({**meta, "files": files}, f)
 
 
 def _load_checkpoint(directory: str) -> tuple[dict, dict, dict]:
+    """Weights, optimizer/schedule state and meta of the checkpoint in ``directory``, after
+    checking every file against the sizes and digests in its ``meta.json``.
+
+    Raises:
+        CheckpointError: a file is missing, changed, or does not parse.
+    """
     from safetensors.torch import load_file
 
-    weights = load_file(os.path.join(directory, "model.safetensors"))
-    state = torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
-    with open(os.path.join(directory, "meta.json")) as f:
-        meta = json.load(f)
+    try:
+        with open(os.path.join(directory, "meta.json")) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError("meta.json is missing (a partial checkpoint)") from None
+    except ValueError as exc:
+        raise CheckpointError(f"meta.json does not parse: {exc}") from None
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError("meta.json lists no file digests")
+    for name in _CHECKPOINT_FILES:
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{name} is missing (a partial checkpoint)")
+        if _digest(path) != files.get(name):
+            raise CheckpointError(f"{name} does not match its digest in meta.json (corrupt or changed)")
+    try:
+        weights = load_file(os.path.join(directory, "model.safetensors"))
+        state = torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load: {type(exc).__name__}: {exc}") from None
     return weights, state, meta
+
+
+def _resume_point(checkpoint: Any) -> tuple[dict, dict, dict, str, list[str]]:
+    """Load ``checkpoint`` (Ray Train's latest) or, if it is partial or corrupt, the newest
+    good checkpoint of the same run before it. Returns weights, state, meta, the path used
+    and the problems of those skipped.
+
+    Raises:
+        CheckpointError: no good checkpoint is left.
+    """
+    import ray.train
+    from pyarrow.fs import FileSelector, FileType
+
+    problems: list[str] = []
+    try:
+        with checkpoint.as_directory() as d:
+            return (*_load_checkpoint(d), checkpoint.path, problems)
+    except CheckpointError as exc:
+        problems.append(f"{checkpoint.path}: {exc}")
+    fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    run_dir, name = latest.rsplit("/", 1)
+    older = sorted((i.path for i in fs.get_file_info(FileSelector(run_dir))
+                    if i.type == FileType.Directory and i.base_name.startswith("checkpoint_") and i.base_name < name),
+                   reverse=True)
+    for path in older:
+        try:
+            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
+                return (*_load_checkpoint(d), path, problems)
+        except CheckpointError as exc:
+            problems.append(f"{path}: {exc}")
+    raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(problems))
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -170,8 +244,12 @@ def train_loop(config: dict[str, Any]) -> None:
     start_epoch, history, best, waited = 0, [], float("inf"), 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            weights, state, meta = _load_checkpoint(d)
+        weights, state, meta, used, skipped = _resume_point(checkpoint)
+        if skipped:
+            log.warning("skipped bad checkpoints (%s); resuming from %s", "; ".join(skipped), used)
+        if callback is not None:
+            callback({"event": "resume", "rank": rank, "world_size": world, "checkpoint": used, "epoch": meta["epoch"],
+                      "skipped": skipped})
         model.load_state_dict(weights, strict=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -241,6 +319,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+        # A restart resumes from the checkpoints the controller has registered; one it has
+        # not processed yet (it polls the workers) would be lost with a worker that dies
+        # now. Waiting costs up to one poll per epoch.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         if callback is not None:
             callback({"event": "epoch_end", "epoch": epoch, "rank": rank, "world_size": world, "metrics": metrics})
         if stop:
@@ -382,7 +464,9 @@ def fit_head(
             loss (training loss without validation).
         max_failures: worker failures to survive (each restarts from the last checkpoint).
         cpus_per_worker: CPUs Ray Train reserves per worker.
-        callback: called inside workers with ``{"event": "batch_end" | "epoch_end", ...}``.
+        callback: called inside workers with ``{"event": "batch_end" | "epoch_end" | "resume", ...}``
+            (``resume``: the checkpoint a restarted or resumed run continues from, and
+            the bad checkpoints it skipped).
 
     Returns:
         a :class:`FitResult` with the full trained model, the per-epoch history and the

@@ -1,11 +1,10 @@
 """fit_head / finetune / evaluate / predict on the shared Ray session: accuracy on
-generated and real data, equivalence with end-to-end training, fault tolerance and
-resume, reproducibility, and errors before any work."""
+generated and real data, equivalence with end-to-end training, reproducibility, and
+errors before any work. Worker failures, resume by name and bad checkpoints are in
+tests/reliability/test_train_faults.py."""
 
 import os
-import sys
 
-import ray.cloudpickle as cloudpickle
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -19,8 +18,6 @@ from surgery import FineTuneConfiguration, TransferLearning
 from surgery.layers import Dense, Output, emit_logits
 from surgery.preprocess import normalize, preprocess_bytes
 
-# the callbacks below run inside Ray Train workers, which cannot import this test module
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _write_folder(root, **kw):
@@ -157,43 +154,6 @@ def test_head_weights_equal_end_to_end_training(ray_session, tmp_path, tiny_name
 def _saved(model, tmp_path):
     surgery.save(model, str(tmp_path / "start"))
     return str(tmp_path / "start")
-
-
-class _KillOnce:
-    """Kills the worker process (not an exception: the process dies) once, mid-epoch."""
-
-    def __init__(self, marker: str, epoch: int, step: int) -> None:
-        self.marker, self.epoch, self.step = marker, epoch, step
-
-    def __call__(self, event: dict) -> None:
-        if event["event"] == "batch_end" and event["epoch"] == self.epoch and event["step"] == self.step \
-                and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os._exit(1)
-
-
-class _Epochs:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __call__(self, event: dict) -> None:
-        if event["event"] == "epoch_end" and event["rank"] == 0:
-            with open(self.path, "a") as f:
-                f.write(f"{event['epoch']}\n")
-
-
-def test_worker_killed_mid_epoch_recovers_and_same_name_resumes(shapes, tmp_path):
-    storage = str(tmp_path / "runs")
-    kill = _KillOnce(str(tmp_path / "killed"), epoch=1, step=2)
-    r = fit_head(shapes["model"], shapes["train"], epochs=3, batch_size=8, num_workers=1, storage=storage,
-                 name="ft", max_failures=1, callback=kill)
-    assert os.path.exists(tmp_path / "killed") and [h["epoch"] for h in r.history] == [0, 1, 2]
-    log = str(tmp_path / "epochs.txt")
-    again = fit_head(shapes["model"], shapes["train"], epochs=5, batch_size=8, num_workers=1, storage=storage,
-                     name="ft", callback=_Epochs(log))
-    assert open(log).read().split() == ["3", "4"]  # only the new epochs ran
-    assert [h["epoch"] for h in again.history] == [0, 1, 2, 3, 4]
-    assert again.history[:3] == r.history
 
 
 def test_finetune_from_images_keeps_frozen_layers_frozen(ray_session, tmp_path, tiny_name):
