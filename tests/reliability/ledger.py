@@ -1,0 +1,35 @@
+"""The reliability suite's ledger: each case records what it tried, what it checked, the
+faults it injected and the rows it accounted for; ``conftest.py`` prints the totals at the
+end of the run (the README's reliability figures come from there)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Case:
+    name: str
+    tried: str
+    checked: str
+    inputs: int  # bad or hostile inputs tried
+    faults: int  # faults injected (killed processes, outages, corrupted files)
+    rows_checked: int
+    rows_lost: int
+
+
+LEDGER: list[Case] = []
+
+
+def account(fset, n_inputs: int) -> tuple[int, int, int]:
+    """(rows checked, rows lost, rows duplicated) of a committed feature set against
+    ``n_inputs`` listed images: every row id must appear exactly once, as a feature row or
+    an error row."""
+    ids = np.concatenate([fset.to_dataset().select_columns(["row_id"]).to_pandas()["row_id"].to_numpy(),
+                          np.asarray(fset.errors_table().column("row_id").to_pylist(), dtype=np.int64)])
+    counts = np.bincount(ids, minlength=n_inputs) if len(ids) else np.zeros(n_inputs, dtype=np.int64)
+    lost = int((counts[:n_inputs] == 0).sum())
+    duplicated = int((counts > 1).sum() + (len(counts) > n_inputs))
+    return len(ids), lost, duplicated

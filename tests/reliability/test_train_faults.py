@@ -1,0 +1,144 @@
+"""Faults during training: a Ray Train worker killed mid-epoch, the run restarted with the
+same name, and partial or corrupt checkpoints, which are detected and skipped for the
+newest good one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import pytest
+import ray.cloudpickle as cloudpickle
+import torch
+
+import surgery
+from imagesets import write_image_folder
+from pipeline import featurize, fit_head
+from pipeline.train import CheckpointError, _load_checkpoint, _resume_point, _save_checkpoint
+from surgery import FineTuneConfiguration, TransferLearning
+from surgery.layers import Output
+
+pytestmark = pytest.mark.slow  # processes killed, servers stopped: minutes, still run by make test
+
+# the callbacks below run inside Ray Train workers, which cannot import this test module
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class _Events:
+    """Kills the worker process once at (epoch, step) (the process dies: no exception),
+    and writes every epoch_end and resume event of rank 0 to a JSON-lines file."""
+
+    def __init__(self, path: str, kill_at: tuple[int, int] | None = None) -> None:
+        self.path, self.kill_at = path, kill_at
+
+    def __call__(self, event: dict) -> None:
+        if event["event"] == "batch_end" and self.kill_at == (event["epoch"], event["step"]) \
+                and not os.path.exists(self.path + ".killed"):
+            open(self.path + ".killed", "w").close()
+            os._exit(1)
+        if event["event"] in ("epoch_end", "resume") and event["rank"] == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({k: v for k, v in event.items() if k != "metrics"}) + "\n")
+
+    def read(self) -> list[dict]:
+        with open(self.path) as f:
+            return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def head_job(ray_session, tmp_path_factory, tiny_name):
+    root = tmp_path_factory.mktemp("train-faults")
+
+    def put(path, data):
+        (root / "imgs" / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / "imgs" / path).write_bytes(data)
+
+    write_image_folder(put, per_class=20, size=20, seed=9, odd_modes=False)
+    torch.manual_seed(0)
+    model = (TransferLearning(surgery.zoo.load(tiny_name))
+             .fine_tune_configuration(FineTuneConfiguration(updater="adam", lr=1e-2, seed=3))
+             .set_feature_extractor("flatten").remove_vertex_keep_connections("fc2")
+             .add_layer("fc2", Output(3, loss="cross_entropy")).build())
+    features = featurize(model, str(root / "imgs"), str(root / "features"), dtype="float32", cpus_per_actor=0.5)
+    return model, features
+
+
+def _checkpoints(run_dir: str) -> list[str]:
+    return sorted(os.path.join(run_dir, d) for d in os.listdir(run_dir)
+                  if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, d)))
+
+
+def test_killed_worker_restart_by_name_and_a_corrupt_checkpoint(head_job, tmp_path, ledger):
+    model, features = head_job
+    storage = str(tmp_path / "runs")
+    events = _Events(str(tmp_path / "events.jsonl"), kill_at=(1, 2))
+    first = fit_head(model, features, epochs=3, batch_size=8, num_workers=1, storage=storage, name="r",
+                     max_failures=1, callback=events)
+    assert os.path.exists(events.path + ".killed") and [h["epoch"] for h in first.history] == [0, 1, 2]
+    resumed = [e for e in events.read() if e["event"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["epoch"] == 0 and resumed[0]["skipped"] == []  # after the kill
+
+    newest, previous = _checkpoints(os.path.join(storage, "r"))[-1], _checkpoints(os.path.join(storage, "r"))[-2]
+    weights = os.path.join(newest, "model.safetensors")
+    data = bytearray(open(weights, "rb").read())
+    data[-7] ^= 0xFF  # one flipped byte in a tensor: safetensors still parses it
+    open(weights, "wb").write(bytes(data))
+
+    events = _Events(str(tmp_path / "events2.jsonl"))
+    again = fit_head(model, features, epochs=4, batch_size=8, num_workers=1, storage=storage, name="r",
+                     callback=events)
+    seen = events.read()
+    assert seen[0]["event"] == "resume" and seen[0]["epoch"] == 1 and seen[0]["checkpoint"] == previous
+    assert len(seen[0]["skipped"]) == 1 and "model.safetensors does not match its digest" in seen[0]["skipped"][0]
+    assert [e["epoch"] for e in seen[1:]] == [2, 3]  # epoch 2 again (its checkpoint was bad), then the new one
+    assert [h["epoch"] for h in again.history] == [0, 1, 2, 3] and again.history[:2] == first.history[:2]
+    ledger(tried="a Ray Train worker killed with os._exit mid-epoch (max_failures=1); the run started again by name "
+                 "after a byte of its newest checkpoint was flipped", faults=2,
+           checked="the killed run resumed from its epoch-0 checkpoint; the restart skipped the corrupt checkpoint "
+                   "for the one before it and re-ran only the epochs after it")
+
+
+def test_partial_corrupt_and_pickled_checkpoints_are_detected(tmp_path, ledger):
+    import ray.train
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    run = tmp_path / "run"
+    for epoch in range(3):
+        d = run / f"checkpoint_2026-11-27_10-00-0{epoch}.000000"
+        d.mkdir(parents=True)
+        _save_checkpoint(str(d), model, opt, sched, {"epoch": epoch, "history": [], "best": 1.0, "waited": 0})
+    c0, c1, c2 = _checkpoints(str(run))
+    assert _load_checkpoint(c2)[2]["epoch"] == 2
+
+    os.remove(os.path.join(c2, "meta.json"))  # partial: the run died before meta.json was written
+    with pytest.raises(CheckpointError, match="meta.json is missing"):
+        _load_checkpoint(c2)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"optimizer": Evil()}, os.path.join(c1, "state.pt"))  # a pickle with code in it...
+    meta = json.load(open(os.path.join(c1, "meta.json")))
+    meta["files"]["state.pt"] = {"bytes": os.path.getsize(os.path.join(c1, "state.pt")),  # ...and a matching digest
+                                 "sha256": hashlib.sha256(open(os.path.join(c1, "state.pt"), "rb").read()).hexdigest()}
+    json.dump(meta, open(os.path.join(c1, "meta.json"), "w"))
+    with pytest.raises(CheckpointError, match="cannot load: UnpicklingError"):
+        _load_checkpoint(c1)
+    assert not (tmp_path / "pwned").exists()
+
+    weights, state, meta, used, skipped = _resume_point(ray.train.Checkpoint(c2))
+    assert used == c0 and meta["epoch"] == 0 and len(skipped) == 2
+    assert torch.equal(weights["weight"], model.state_dict()["weight"])
+    with open(os.path.join(c0, "model.safetensors"), "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(CheckpointError, match="no usable checkpoint to resume from"):
+        _resume_point(ray.train.Checkpoint(c2))
+    ledger(tried="a checkpoint without meta.json, one whose state.pt is a pickle with code (digest forged to match), "
+                 "one truncated", faults=3,
+           checked="each is refused with its reason, the code never runs, resume falls back to the newest good one "
+                   "and fails clearly when none is left")
