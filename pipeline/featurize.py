@@ -253,35 +253,12 @@ def featurize(
         return FeatureSet(output, committed, storage_options, reused=True)
     with OutputLease(output, storage_options, lease_timeout) as lease:
         committed = read_json(storage.join(output, MANIFEST), storage_options)  # again, now that we hold the lease
-        if committed is not None:
-            if committed.get("fingerprint") == fp:
-                return FeatureSet(output, committed, storage_options, reused=True)
-            if not overwrite:
-                raise FileExistsError(
-                    f"{output!r} already holds features with fingerprint {committed.get('fingerprint')}, "
-                    f"but this run's fingerprint is {fp} (another model, preprocessing, dtype or input); "
-                    "pass overwrite=True to replace them, or choose another output"
-                )
-            clear(output, storage_options)
-
+        if committed is not None and committed.get("fingerprint") == fp:
+            return FeatureSet(output, committed, storage_options, reused=True)
         row_bytes = sum(math.prod(s) for s in shapes) * np.dtype(dtype).itemsize
         rows_per_shard = shard_rows or int(min(8192, max(64, shard_bytes // max(1, row_bytes))))
         plan = ShardPlan(len(src), rows_per_shard)
-        attempt = read_json(storage.join(output, ATTEMPT), storage_options)
-        if attempt is not None and (attempt.get("fingerprint") != fp or attempt.get("plan") != plan.to_dict()):
-            if not overwrite:
-                raise FileExistsError(
-                    f"{output!r} holds an unfinished featurization with fingerprint {attempt.get('fingerprint')}, "
-                    f"not this run's {fp}; pass overwrite=True to discard it, or choose another output"
-                )
-            clear(output, storage_options)
-            attempt = None
-        done = completed_shards(output, storage_options) if attempt is not None else {}
-        if attempt is None:
-            write_json(storage.join(output, ATTEMPT), {"fingerprint": fp, "plan": plan.to_dict()}, storage_options)
-        pending = [i for i in range(plan.count) if i not in done]
-        if done:
-            log.info("resuming featurization at %s: %d of %d shards already written", output, len(done), plan.count)
+        pending = _pending_shards(output, storage_options, fp, plan, committed, overwrite)
 
         start = time.perf_counter()
         positions = np.arange(len(src))
@@ -313,6 +290,37 @@ def featurize(
         lease.check()
         return _commit(output, storage_options, src, plan, fp, model_fp, feat_model, parts.boundary, shapes, dtype,
                        config, seconds, writer)
+
+
+def _pending_shards(output: str, storage_options: dict | None, fp: str, plan: ShardPlan, committed: dict | None,
+                    overwrite: bool) -> list[int]:
+    """Make ``output`` ready for this run (under its lease) and return the shards it still
+    needs: all of them, or those an interrupted attempt with the same fingerprint and plan
+    left. Another run's features or attempt are cleared only with ``overwrite``."""
+    if committed is not None:
+        if not overwrite:
+            raise FileExistsError(
+                f"{output!r} already holds features with fingerprint {committed.get('fingerprint')}, "
+                f"but this run's fingerprint is {fp} (another model, preprocessing, dtype or input); "
+                "pass overwrite=True to replace them, or choose another output"
+            )
+        clear(output, storage_options)
+    attempt = read_json(storage.join(output, ATTEMPT), storage_options)
+    if attempt is not None and (attempt.get("fingerprint") != fp or attempt.get("plan") != plan.to_dict()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{output!r} holds an unfinished featurization with fingerprint {attempt.get('fingerprint')}, "
+                f"not this run's {fp}; pass overwrite=True to discard it, or choose another output"
+            )
+        clear(output, storage_options)
+        attempt = None
+    if attempt is None:
+        write_json(storage.join(output, ATTEMPT), {"fingerprint": fp, "plan": plan.to_dict()}, storage_options)
+        return list(range(plan.count))
+    done = completed_shards(output, storage_options)
+    if done:
+        log.info("resuming featurization at %s: %d of %d shards already written", output, len(done), plan.count)
+    return [i for i in range(plan.count) if i not in done]
 
 
 def _commit(output: str, storage_options: dict | None, src: ImageSource, plan: ShardPlan, fp: str, model_fp: str,

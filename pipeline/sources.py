@@ -117,7 +117,7 @@ def read_images(
         >>> len(src), src.classes
     """
     fs, root = storage.filesystem(source, storage_options)
-    if not storage.retrying(lambda: fs.exists(root), f"look up {source}"):
+    if not storage.exists(source, storage_options):
         raise FileNotFoundError(f"image source {source!r} does not exist")
     if fs.isfile(root):
         if not root.lower().endswith((".parquet", ".csv")):
@@ -221,7 +221,7 @@ def _from_manifest(source: str, fs: Any, path: str, storage_options: dict | None
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    data = storage.retrying(lambda: fs.cat_file(path), f"read {source}")
+    data = storage.read_bytes(source, storage_options)
     table = pq.read_table(io.BytesIO(data)) if path.lower().endswith(".parquet") else pacsv.read_csv(io.BytesIO(data))
     if "path" not in table.column_names:
         raise ValueError(f"manifest {source!r} needs a 'path' column; it has {table.column_names}")

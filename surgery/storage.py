@@ -148,13 +148,7 @@ def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = 
         os.replace(tmp, path)
         return
 
-    def put() -> None:
-        parent = posixpath.dirname(path)
-        if parent:
-            fs.makedirs(parent, exist_ok=True)  # object stores: creates a missing bucket
-        fs.pipe_file(path, data)
-
-    retrying(put, f"write {uri}")
+    retrying(lambda: _put(fs, path, data, "overwrite"), f"write {uri}")
 
 
 def create_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
@@ -174,22 +168,25 @@ def create_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None =
             os.unlink(tmp)
         return
 
-    def put() -> None:
-        parent = posixpath.dirname(path)
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        try:
-            fs.pipe_file(path, data, mode="create")
-        except OSError as exc:
-            # S3 answers 412 Precondition Failed, which s3fs turns into EINVAL
-            if "pre-condition" in str(exc).lower() or "precondition" in str(exc).lower():
-                raise FileExistsError(f"{uri} already exists") from None
-            raise
-
     try:
-        retrying(put, f"create {uri}")
+        retrying(lambda: _put(fs, path, data, "create"), f"create {uri}")
     except FileExistsError:
         raise FileExistsError(f"{uri} already exists") from None
+
+
+def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes, mode: str) -> None:
+    """One whole-object upload; ``mode="create"`` raises FileExistsError if one is there."""
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)  # object stores: creates a missing bucket
+    try:
+        fs.pipe_file(path, data, mode=mode)
+    except OSError as exc:
+        # 412 Precondition Failed: s3fs raises FileExistsError when the answer names the
+        # condition (AWS), else EINVAL with the message (SeaweedFS, MinIO)
+        if mode == "create" and "pre-condition" in str(exc).lower().replace("precondition", "pre-condition"):
+            raise FileExistsError(path) from None
+        raise
 
 
 def _local_temp(path: str, data: bytes) -> str:

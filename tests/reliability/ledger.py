@@ -1,12 +1,17 @@
 """The reliability suite's ledger: each case records what it tried, what it checked, the
 faults it injected and the rows it accounted for; ``conftest.py`` prints the totals at the
-end of the run (the README's reliability figures come from there)."""
+end of the run (the README's reliability figures come from there). Also the two checks the
+cases share: every row accounted for, and features equal to a direct computation."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+import surgery
+from surgery.preprocess import normalize, preprocess_bytes
 
 
 @dataclass
@@ -33,3 +38,12 @@ def account(fset, n_inputs: int) -> tuple[int, int, int]:
     lost = int((counts[:n_inputs] == 0).sum())
     duplicated = int((counts > 1).sum() + (len(counts) > n_inputs))
     return len(ids), lost, duplicated
+
+
+def direct_features(model, blobs: list[bytes]) -> np.ndarray:
+    """The features of each image file's bytes computed without the pipeline: decode,
+    preprocess, and the model's frozen part."""
+    config = surgery.get_info(model).preprocessing
+    pixels = np.stack([preprocess_bytes(b, config) for b in blobs])
+    with torch.no_grad():
+        return surgery.split(model).frozen.eval()(normalize(torch.from_numpy(pixels), config)).numpy()

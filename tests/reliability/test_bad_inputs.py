@@ -15,10 +15,9 @@ import torch
 
 import surgery
 from imagesets import draw, encode, write_image_folder
-from ledger import account
+from ledger import account, direct_features
 from pipeline import featurize, read_images
 from surgery import TransferLearning
-from surgery.preprocess import normalize, preprocess_bytes
 
 import badfiles
 
@@ -40,13 +39,7 @@ def _put(root):
 
 
 def _reference(model, files: dict[str, bytes]) -> dict[str, np.ndarray]:
-    """Features of each good file computed directly: decode, preprocess, frozen part."""
-    config = surgery.get_info(model).preprocessing
-    frozen = surgery.split(model).frozen.eval()
-    pixels = np.stack([preprocess_bytes(b, config) for b in files.values()])
-    with torch.no_grad():
-        out = frozen(normalize(torch.from_numpy(pixels), config)).numpy()
-    return dict(zip(files, out))
+    return dict(zip(files, direct_features(model, list(files.values()))))
 
 
 def test_every_bad_file_is_one_error_row_and_every_good_file_is_featurized_once(ray_session, tmp_path, tiny_frozen,

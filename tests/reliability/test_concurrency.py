@@ -18,11 +18,10 @@ import torch
 
 import surgery
 from imagesets import write_image_folder
-from ledger import account
+from ledger import account, direct_features
 from pipeline import FeatureSet, featurize
 from pipeline.lease import LEASE, LeaseHeld, LeaseLost, OutputLease
 from surgery import TransferLearning, storage
-from surgery.preprocess import normalize, preprocess_bytes
 
 
 def test_two_featurizations_racing_for_one_output_commit_once(ray_session, s3_server, s3_bucket, storage_options,
@@ -61,10 +60,7 @@ def test_two_featurizations_racing_for_one_output_commit_once(ray_session, s3_se
     checked, missing, duplicated = account(committed, len(files))
     assert (checked, missing, duplicated) == (len(files), 0, 0)
     df = committed.to_dataset().to_pandas()
-    config = surgery.get_info(model).preprocessing
-    pixels = np.stack([preprocess_bytes(files[p], config) for p in df["path"]])
-    with torch.no_grad():
-        expected = surgery.split(model).frozen.eval()(normalize(torch.from_numpy(pixels), config)).numpy()
+    expected = direct_features(model, [files[p] for p in df["path"]])
     np.testing.assert_allclose(np.stack(df["features"].to_numpy()).astype(np.float32), expected,
                                rtol=1e-2 if committed.dtype == "float16" else 1e-4, atol=1e-3)
     assert not fs.exists(f"{s3_bucket}/features/{LEASE}")

@@ -23,11 +23,10 @@ import torch
 
 import surgery
 from imagesets import write_image_folder
-from ledger import account
+from ledger import account, direct_features
 from pipeline import FeatureSet, featurize
 from services import S3Server
 from surgery import TransferLearning, storage
-from surgery.preprocess import normalize, preprocess_bytes
 
 pytestmark = pytest.mark.slow  # processes killed, servers stopped: minutes, still run by make test
 
@@ -68,10 +67,7 @@ def _check_complete(fset, files, model):
     assert (checked, lost, duplicated) == (len(files), 0, 0)
     assert fset.errors == 0, fset.errors_table().column("reason").to_pylist()[:5]
     df = fset.to_dataset().to_pandas()
-    config = surgery.get_info(model).preprocessing
-    pixels = np.stack([preprocess_bytes(files[p], config) for p in df["path"]])
-    with torch.no_grad():
-        expected = surgery.split(model).frozen.eval()(normalize(torch.from_numpy(pixels), config)).numpy()
+    expected = direct_features(model, [files[p] for p in df["path"]])
     np.testing.assert_allclose(np.stack(df["features"].to_numpy()), expected, rtol=1e-4, atol=1e-5)
     return checked, lost
 
@@ -89,7 +85,7 @@ def _featurizer_pids() -> set[int]:
 
 def test_a_model_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, s3, images, model, ledger):
     source, files = images
-    out = f"s3://fault-images/killed-actor"
+    out = "s3://fault-images/killed-actor"
     seen, killed, shards = set(), [], []
     stop = threading.Event()
 

@@ -118,7 +118,7 @@ def test_config_values_are_never_evaluated_as_code(tmp_path, monkeypatch, ledger
     attacks = [
         f"!!python/object/apply:os.system ['touch {marker}']",
         f"!!python/object/new:subprocess.Popen [['touch', '{marker}']]",
-        f"!!python/name:os.system",
+        "!!python/name:os.system",
     ]
     for tag in attacks:
         (tmp_path / "c.yaml").write_text(f"name: x\nmodel: {{base: {tag}}}\n")

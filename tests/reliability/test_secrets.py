@@ -5,7 +5,6 @@ session logs, feature manifests, recipes, checkpoints, reports and error message
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pytest
