@@ -6,7 +6,9 @@ from .features import FeatureMismatch, FeatureSet
 from .featurize import Featurizer, featurize
 from .lease import LeaseHeld, LeaseLost
 from .sources import ImageSource, read_images
-from .train import FitResult, finetune, fit_head
+from .finetune import finetune
+from .sweep import SweepResult, sweep
+from .train import FitResult, fit_head
 
 __all__ = [
     "EvalResult",
@@ -19,10 +21,12 @@ __all__ = [
     "LeaseLost",
     "PredictResult",
     "Scorer",
+    "SweepResult",
     "evaluate",
     "featurize",
     "finetune",
     "fit_head",
     "predict",
     "read_images",
+    "sweep",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +13,7 @@ from surgery import storage
 
 from .shards import ERRORS, MANIFEST, read_json, read_table
 
-__all__ = ["FeatureSet", "FEATURES_FORMAT", "FeatureMismatch"]
+__all__ = ["FeatureSet", "FEATURES_FORMAT", "FeatureMismatch", "split_rows"]
 
 FEATURES_FORMAT = "freezeray.features/1"
 
@@ -139,19 +139,38 @@ class FeatureSet:
         paths = [pyarrow_filesystem(u, self.storage_options)[1] for u in uris]
         return ray.data.read_parquet(paths, filesystem=fs, file_extensions=None)
 
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The shards as one Arrow table in row-id order (``columns``: a subset), read
+        straight from storage without Ray; for sets that fit in memory."""
+        tables = [read_table(u, self.storage_options, columns) for u in self.shard_uris()]
+        if not tables:
+            raise ValueError(f"the feature set at {self.uri!r} has no rows")
+        table = pa.concat_tables(tables)
+        order = np.argsort(table.column("row_id").to_numpy(), kind="stable")
+        return table.take(pa.array(order))
+
     def to_tensors(self, max_rows: int = 2_000_000) -> tuple[Any, torch.Tensor]:
         """``(features, labels)`` in row-id order: features one float32 tensor (a tuple
         with several boundary vertices), labels int64. For sets of at most ``max_rows``."""
         if self.rows > max_rows:
             raise ValueError(f"{self.rows} rows is more than max_rows={max_rows}; iterate to_dataset() instead")
-        tables = [read_table(u, self.storage_options) for u in self.shard_uris()]
-        if not tables:
-            raise ValueError(f"the feature set at {self.uri!r} has no rows")
-        table = pa.concat_tables(tables)
-        order = np.argsort(table.column("row_id").to_numpy(), kind="stable")
-        feats = tuple(
-            torch.from_numpy(table.column(c).combine_chunks().to_numpy_ndarray()[order].astype(np.float32))
-            for c in self.feature_columns
-        )
-        labels = torch.from_numpy(table.column("label").to_numpy()[order].astype(np.int64))
+        table = self.read()
+        feats = tuple(torch.from_numpy(table.column(c).combine_chunks().to_numpy_ndarray().astype(np.float32))
+                      for c in self.feature_columns)
+        labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
         return (feats[0] if len(feats) == 1 else feats), labels
+
+
+def split_rows(batch: dict[str, np.ndarray], fraction: float, seed: int, keep: Literal["train", "validation"]) -> dict[str, np.ndarray]:
+    """The rows of ``batch`` on one side of a seeded train/validation split by row id (the
+    same row always lands on the same side, whatever the batching): ``fraction`` of the
+    rows go to ``"validation"``. Works as a Ray Data batch function."""
+    ids = np.asarray(batch["row_id"]).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = ids * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed) * np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(29)
+    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    mask = (u < fraction) if keep == "validation" else (u >= fraction)
+    return {k: np.asarray(v)[mask] for k, v in batch.items()}

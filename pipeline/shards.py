@@ -100,8 +100,8 @@ def write_table(uri: str, table: pa.Table, storage_options: dict | None) -> int:
     return len(data)
 
 
-def read_table(uri: str, storage_options: dict | None) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_options)))
+def read_table(uri: str, storage_options: dict | None, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_options)), columns=columns)
 
 
 def to_arrow_columns(batch: dict[str, np.ndarray]) -> dict[str, pa.Array]:

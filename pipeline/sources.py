@@ -35,7 +35,7 @@ from surgery import storage
 from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, decode_image, resize_crop
 
 __all__ = ["ImageSource", "read_images", "IMAGE_EXTENSIONS", "read_and_decode", "decode_memory", "decode_dataset",
-           "readable"]
+           "readable", "image_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +350,18 @@ def decode_dataset(table: pa.Table, config: PreprocessConfig, storage_options: d
                           fn_kwargs={"preprocessing": config.to_dict(), "storage_options": storage_options,
                                      "augment": augment, "seed": seed, "max_pixels": max_pixels},
                           num_cpus=1, memory=decode_memory(config, batch_size))
+
+
+def _drop_errors(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ok = readable(batch["error"])
+    return {k: np.asarray(v)[ok] for k, v in batch.items() if k not in ("error", "path", "shard")}
+
+
+def image_dataset(src: ImageSource, config: PreprocessConfig, augment: bool, seed: int, decode_batch_size: int = 32) -> Any:
+    """Decoded, preprocessed images of ``src`` as a Ray Dataset (row_id, label, pixels) for
+    training; unreadable files are left out (``evaluate``/``predict`` report them)."""
+    ds = decode_dataset(src.table, config, src.storage_options, decode_batch_size, augment=augment, seed=seed)
+    return ds.map_batches(_drop_errors, batch_format="numpy")
 
 
 def decode_memory(config: PreprocessConfig, batch_size: int) -> int:

@@ -87,7 +87,9 @@ class TransferLearning:
         return self
 
     def fine_tune_configuration(self, config: FineTuneConfiguration) -> "TransferLearning":
-        """Train the trainable part with ``config`` (layers' own settings win)."""
+        """Train the trainable part with ``config`` (layers' own settings win). On a model
+        that already has a configuration, only the settings given in ``config`` override
+        it (DL4J's semantics); the others keep the model's values."""
         if not isinstance(config, FineTuneConfiguration):
             raise TypeError(f"fine_tune_configuration takes a FineTuneConfiguration, got {type(config).__name__}")
         return self._record({"op": "fine_tune_configuration", "config": config.to_dict()})
@@ -212,8 +214,9 @@ def apply_ops(model: fx.GraphModule, ops_: list[dict[str, Any]], modules: dict[s
     ordered = _canonical(model, ops_)
     config = info.fine_tune
     for o in ordered:
-        if o["op"] == "fine_tune_configuration":
-            config = FineTuneConfiguration.from_dict(o["config"])
+        if o["op"] == "fine_tune_configuration":  # DL4J: only the settings given override the model's
+            given = FineTuneConfiguration.from_dict(o["config"])
+            config = config.merged(given) if config is not None else given
     seed = config.seed if config is not None else None
     old_outputs = _outputs(model)
     previous_frozen = {n.name for n in frozen_nodes(model)}

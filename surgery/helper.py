@@ -17,12 +17,12 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from . import layers as L
 from .finetune import FineTuneConfiguration
 from .freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes, frozen_prefix
 from .graph import vertex_of
-from .objective import loss_specs, objective
+from .objective import loss_specs
 from .recipe import get_info
+from . import training
 
 __all__ = ["TransferLearningHelper", "Split", "split"]
 
@@ -114,7 +114,8 @@ class TransferLearningHelper:
         return get_info(self.model).fine_tune or FineTuneConfiguration()
 
     def fit_featurized(self, features: Features, labels: Any) -> float:
-        """One optimizer step of the unfrozen part on ``features`` (DL4J's ``fitFeaturized``).
+        """One optimizer step of the unfrozen part on ``features`` (DL4J's ``fitFeaturized``),
+        the same step every freezeray trainer takes (:func:`surgery.training.train_step`).
 
         Returns:
             the batch loss before the step.
@@ -125,16 +126,7 @@ class TransferLearningHelper:
             self._optimizer = config.build_optimizer(head)
         head.train()
         args = features if isinstance(features, tuple) else (features,)
-        with L.emit_logits(head):
-            out = head(*args)
-        loss = objective(self._specs, out, labels)
-        penalty = config.penalty(head)
-        total = loss + penalty if penalty is not None else loss
-        self._optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        config.clip_gradients_(head)
-        self._optimizer.step()
-        return float(loss.detach())
+        return training.train_step(head, args, labels, self._optimizer, config, self._specs).loss
 
     def output_from_featurized(self, features: Features) -> Any:
         """The model's output (after activations) from features, in eval mode."""

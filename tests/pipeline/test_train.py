@@ -1,23 +1,25 @@
-"""fit_head / finetune / evaluate / predict on the shared Ray session: accuracy on
-generated and real data, equivalence with end-to-end training, reproducibility, and
-errors before any work. Worker failures, resume by name and bad checkpoints are in
-tests/reliability/test_train_faults.py."""
+"""fit_head / finetune / evaluate / predict on the shared Ray session: local mode against
+Ray Train workers, the best epoch's weights, resume by name, accuracy, equivalence with
+end-to-end training, and errors before any work. Worker failures and bad checkpoints are
+in tests/reliability/test_train_faults.py; the digits quality check in
+test_transfer_digits.py."""
 
 import os
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-import pipeline
 import surgery
 from imagesets import bad_files, write_image_folder
 from pipeline import FeatureMismatch, evaluate, featurize, finetune, fit_head, predict, read_images
+from pipeline.train import choose_workers, default_batch_size
 from surgery import FineTuneConfiguration, TransferLearning
 from surgery.layers import Dense, Output, emit_logits
 from surgery.preprocess import normalize, preprocess_bytes
-
+from surgery.training import DEFAULT_PATIENCE
 
 
 def _write_folder(root, **kw):
@@ -28,10 +30,88 @@ def _write_folder(root, **kw):
     return write_image_folder(put, **kw)
 
 
-def _head_model(base, n_out, ftc, frozen="global_pool", loss="cross_entropy"):
-    return (TransferLearning(base).fine_tune_configuration(ftc).set_feature_extractor(frozen)
-            .remove_vertex_keep_connections("classifier")
-            .add_layer("classifier", Output(n_out, loss=loss)).build())
+def _tiny_head(tiny_name, ftc, n_out=3):
+    torch.manual_seed(0)
+    return (TransferLearning(surgery.zoo.load(tiny_name)).fine_tune_configuration(ftc).set_feature_extractor("flatten")
+            .remove_vertex_keep_connections("fc2").add_layer("fc2", Output(n_out, loss="cross_entropy")).build())
+
+
+@pytest.fixture(scope="module")
+def tiny(ray_session, tmp_path_factory, tiny_name):
+    """Tiny-model features of generated images: train, validation, and the validation
+    images with their class folders rotated (labels that training makes ever more wrong)."""
+    root = tmp_path_factory.mktemp("tiny")
+    _write_folder(root / "train", per_class=20, size=20, seed=1, odd_modes=False)
+    _write_folder(root / "val", per_class=8, size=20, seed=2, odd_modes=False)
+    classes = sorted(os.listdir(root / "val"))
+    for old, new in zip(classes, classes[1:] + classes[:1]):
+        shutil.copytree(root / "val" / old, root / "rotated" / new)
+    model = _tiny_head(tiny_name, FineTuneConfiguration(updater="adam", lr=0.05, seed=4))
+    feats = {split: featurize(model, str(root / split), str(root / f"f-{split}"), dtype="float32")
+             for split in ("train", "val", "rotated")}
+    return {"root": root, "model": model, **feats}
+
+
+def test_local_mode_and_two_workers_take_the_same_steps(tiny, tmp_path):
+    # SGD: Adam divides by the gradient's size, which turns the rounding differences of
+    # averaging two half-batch gradients into visible ones where gradients are near zero
+    sgd = FineTuneConfiguration(updater="nesterov", lr=0.05, l2=1e-3, seed=4)
+    model, train = TransferLearning(tiny["model"]).fine_tune_configuration(sgd).build(), tiny["train"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # full batches without shuffling: one process with batch 60 and two workers with 30 each see the same rows per step
+    local = fit_head(model, train, epochs=3, batch_size=60, shuffle=False, num_workers=0, storage=str(tmp_path), name="l")
+    workers = fit_head(model, train, epochs=3, batch_size=30, shuffle=False, num_workers=2, storage=str(tmp_path), name="w")
+    assert (local.mode, local.workers, workers.mode, workers.workers) == ("local", 0, "workers", 2)
+    for k, v in local.model.state_dict().items():
+        torch.testing.assert_close(workers.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(local.model.state_dict()["fc2.linear.weight"], before["fc2.linear.weight"])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the caller's model is untouched
+    assert [h["rows"] for h in local.history] == [h["rows"] for h in workers.history] == [60, 60, 60]
+    for name, result in (("l", local), ("w", workers)):  # both keep checkpoints under storage/name
+        assert result.checkpoint.startswith(str(tmp_path / name) + "/checkpoint_")
+        assert os.path.isfile(os.path.join(result.checkpoint, "meta.json"))
+    assert workers.startup_s > local.startup_s
+
+
+def test_epochs_none_stops_returns_the_best_weights_and_resumes_by_name(tiny, tmp_path):
+    model = tiny["model"]
+    r = fit_head(model, tiny["train"], validation=tiny["rotated"], storage=str(tmp_path), name="best")
+    losses = [h["val_loss"] for h in r.history]
+    assert r.mode == "local" and r.history[-1]["stopped_early"] and len(losses) == r.best_epoch + 1 + DEFAULT_PATIENCE
+    assert r.best_epoch == int(np.argmin(losses)) and losses[-1] > losses[r.best_epoch] + 0.1
+    scored = evaluate(r.model, tiny["rotated"])  # the returned weights are the best epoch's, not the last's
+    assert scored.loss == pytest.approx(losses[r.best_epoch], rel=1e-4)
+    assert r.metrics["epoch"] == r.best_epoch
+
+    events = []
+    first = fit_head(model, tiny["train"], validation=tiny["val"], epochs=3, storage=str(tmp_path), name="again",
+                     num_workers=0, callback=events.append)
+    assert [e["event"] for e in events].count("resume") == 0
+    events.clear()
+    second = fit_head(model, tiny["train"], validation=tiny["val"], epochs=5, storage=str(tmp_path), name="again",
+                      num_workers=0, callback=events.append)
+    resumed = [e for e in events if e["event"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["epoch"] == 2 and resumed[0]["skipped"] == []
+    assert [e["epoch"] for e in events if e["event"] == "epoch_end"] == [3, 4]
+    assert [h["epoch"] for h in second.history] == [0, 1, 2, 3, 4]
+    assert [h["loss"] for h in second.history[:3]] == [h["loss"] for h in first.history]
+    straight = fit_head(model, tiny["train"], validation=tiny["val"], epochs=5, storage=str(tmp_path), name="straight",
+                        num_workers=0)
+    for k, v in straight.model.state_dict().items():  # resumed == uninterrupted, bit for bit
+        assert torch.equal(second.model.state_dict()[k], v), k
+    done = fit_head(model, tiny["train"], storage=str(tmp_path), name="best", validation=tiny["rotated"])
+    assert done.best_epoch == r.best_epoch and len(done.history) == len(r.history)  # a finished run stays finished
+
+
+def test_automatic_mode_and_batch_size(tiny, monkeypatch):
+    assert default_batch_size(1_200) == 16 and default_batch_size(100_000) == 512 and default_batch_size(10) == 16
+    assert default_batch_size(8_000) == 128
+    assert choose_workers(None, False, 10 << 20) == 0  # fits: local mode
+    monkeypatch.setenv("FREEZERAY_LOCAL_LIMIT_BYTES", "1000")
+    assert choose_workers(None, False, 10 << 20) == 2  # too big for this process: one worker per CPU
+    assert choose_workers(3, False, 10) == 3
+    with pytest.raises(ValueError, match="num_workers must be a non-negative integer"):
+        choose_workers(-1, False, 10)
 
 
 @pytest.fixture(scope="module")
@@ -43,47 +123,26 @@ def shapes(tmp_path_factory, ray_session, lite0_imagenet):
     for p, b in bad_files().items():
         if p != "green_square/notes.jpg":
             (root / "val" / p).write_bytes(b)
-    ftc = FineTuneConfiguration(updater="adam", lr=3e-3, seed=11)
-    model = _head_model(lite0_imagenet, 3, ftc)
+    model = (TransferLearning(lite0_imagenet).fine_tune_configuration(FineTuneConfiguration(seed=11))
+             .set_feature_extractor("global_pool").remove_vertex_keep_connections("classifier")
+             .add_layer("classifier", Output(3, loss="cross_entropy")).build())
     kw = dict(image_size=64, dtype="float32")
     train = featurize(model, str(root / "train"), str(root / "f-train"), **kw)
     val = featurize(model, str(root / "val"), str(root / "f-val"), **kw)
     return {"root": root, "model": model, "train": train, "val": val}
 
 
-@pytest.fixture(scope="module")
-def two_runs(shapes, tmp_path_factory):
-    """The same two-worker run twice (a Ray Train run costs about 25 s here, so the
-    evaluation test below reuses the first one's model)."""
-    storage = str(tmp_path_factory.mktemp("runs"))
-    return [fit_head(shapes["model"], shapes["train"], validation=shapes["val"], epochs=4, batch_size=16,
-                     num_workers=2, cpus_per_worker=1, storage=storage, name=f"repro-{i}") for i in range(2)]
-
-
-def test_fit_head_two_workers_learns_and_is_reproducible(shapes, two_runs, tmp_path):
-    runs = two_runs
-    r = runs[0]
-    assert r.history[-1]["val_accuracy"] >= 0.9
-    losses = [h["loss"] for h in r.history]
-    assert losses[-1] < losses[0] and all(b <= a * 1.05 for a, b in zip(losses, losses[1:]))
-    assert r.history[0]["rows"] == 120 and r.history[0]["val_rows"] == 45
-    assert set(r.history[0]) >= {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
-    a, b = runs[0].model.state_dict(), runs[1].model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, data and workers: same weights
-    assert not torch.equal(a["classifier.linear.weight"], shapes["model"].state_dict()["classifier.linear.weight"])
-    assert os.path.isdir(r.checkpoint)
+def test_fit_head_with_defaults_learns_and_evaluate_and_predict_agree(shapes, tmp_path):
+    r = fit_head(shapes["model"], shapes["train"], validation=shapes["val"], storage=str(tmp_path / "runs"))
+    assert r.mode == "local" and r.metrics["val_accuracy"] >= 0.95 and r.history[0]["val_rows"] == 45
     surgery.save(r.model, str(tmp_path / "model"))
-    back = surgery.load(str(tmp_path / "model"))
-    assert torch.equal(back.state_dict()["classifier.linear.weight"], a["classifier.linear.weight"])
-
-
-def test_evaluate_on_features_and_images_agree_and_predict_writes_every_readable_input(shapes, two_runs, tmp_path):
-    model = two_runs[0].model
+    model = surgery.load(str(tmp_path / "model"))
     on_features = evaluate(model, shapes["val"].uri)
     on_images = evaluate(model, str(shapes["root"] / "val"), image_size=64)
     assert on_features.rows == on_images.rows == 45 and on_images.errors == 2
-    assert on_features.accuracy == on_images.accuracy
+    assert on_features.accuracy == on_images.accuracy == r.metrics["val_accuracy"]
     assert on_features.loss == pytest.approx(on_images.loss, rel=1e-4)
+    assert on_features.loss == pytest.approx(r.metrics["val_loss"], rel=1e-4)
     assert on_features.confusion == on_images.confusion and np.sum(on_features.confusion) == 45
     assert [c["class"] for c in on_features.per_class] == ["blue_bar", "green_square", "red_disc"]
 
@@ -104,12 +163,16 @@ def test_bad_input_is_refused_before_any_work(shapes, tmp_path, tiny_name, lite0
     other = TransferLearning(surgery.zoo.load(tiny_name)).set_feature_extractor("flatten").build()
     with pytest.raises(FeatureMismatch, match="fingerprint"):
         fit_head(other, shapes["train"])
-    two = _head_model(lite0_imagenet, 2, FineTuneConfiguration())
+    two = (TransferLearning(lite0_imagenet).set_feature_extractor("global_pool")
+           .remove_vertex_keep_connections("classifier").add_layer("classifier", Output(2)).build())
     with pytest.raises(ValueError, match=r"the data has 3 classes but output 'classifier' has 2 units"):
         fit_head(two, shapes["train"])
-    bce = _head_model(lite0_imagenet, 5, FineTuneConfiguration(), loss="bce")
+    bce = (TransferLearning(lite0_imagenet).set_feature_extractor("global_pool")
+           .remove_vertex_keep_connections("classifier").add_layer("classifier", Output(5, loss="bce")).build())
     with pytest.raises(ValueError, match=r"loss 'bce' on output 'classifier' compares 5 values with one-hot labels of 3"):
         fit_head(bce, shapes["train"])
+    with pytest.raises(ValueError, match="epochs must be a positive integer or None, got 0"):
+        fit_head(shapes["model"], shapes["train"], epochs=0)
     empty = tmp_path / "empty"
     for p, b in bad_files().items():
         (empty / p).parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +191,7 @@ def test_head_weights_equal_end_to_end_training(ray_session, tmp_path, tiny_name
              .remove_vertex_and_connections("fc1").add_layer("hidden", Dense(12, activation="tanh"), "flatten")
              .add_layer("out", Output(3, loss="nll"), "hidden").set_outputs("out").build())
     fset = featurize(model, str(root), str(tmp_path / "f"), dtype="float32")
-    result = fit_head(model, fset, epochs=2, batch_size=5, num_workers=1, shuffle=False, storage=str(tmp_path / "runs"))
+    result = fit_head(model, fset, epochs=2, batch_size=5, num_workers=0, shuffle=False, storage=str(tmp_path / "runs"))
 
     src = read_images(str(root))
     config = surgery.get_info(model).preprocessing
@@ -145,6 +208,7 @@ def test_head_weights_equal_end_to_end_training(ray_session, tmp_path, tiny_name
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    assert result.best_epoch == 1  # no validation: the training loss, which fell every epoch
     got, want = result.model.state_dict(), reference.state_dict()
     for k in ("hidden.linear.weight", "hidden.linear.bias", "out.linear.weight", "out.linear.bias"):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
@@ -156,7 +220,7 @@ def _saved(model, tmp_path):
     return str(tmp_path / "start")
 
 
-def test_finetune_from_images_keeps_frozen_layers_frozen(ray_session, tmp_path, tiny_name):
+def test_finetune_from_images_in_local_mode_keeps_frozen_layers_frozen(ray_session, tmp_path, tiny_name):
     root = tmp_path / "imgs"
     _write_folder(root / "train", per_class=20, size=20, odd_modes=False)
     _write_folder(root / "val", per_class=6, size=20, seed=5, odd_modes=False)
@@ -165,17 +229,9 @@ def test_finetune_from_images_keeps_frozen_layers_frozen(ray_session, tmp_path, 
              .remove_vertex_keep_connections("fc2").add_layer("fc2", Output(3, loss="cross_entropy")).build())
     frozen_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("conv1", "bn1"))}
     r = finetune(model, str(root / "train"), validation=str(root / "val"), epochs=4, batch_size=10,
-                 num_workers=1, cpus_per_worker=1, augment=False, storage=str(tmp_path / "runs"))
+                 num_workers=0, augment=False, storage=str(tmp_path / "runs"))
     after = r.model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in frozen_before.items())
+    assert r.mode == "local" and all(torch.equal(after[k], v) for k, v in frozen_before.items())
     assert not torch.equal(after["conv2.weight"], model.state_dict()["conv2.weight"])
     assert r.history[-1]["loss"] < r.history[0]["loss"] and r.history[-1]["val_rows"] == 18
-    assert r.history[-1]["val_accuracy"] >= 0.6
-
-
-def test_early_stopping_ends_a_run_that_stops_improving(shapes, tmp_path, lite0_imagenet):
-    frozen_lr = _head_model(lite0_imagenet, 3, FineTuneConfiguration(updater="sgd", lr=0.0, seed=1))
-    r = fit_head(frozen_lr, shapes["train"], validation=shapes["val"], epochs=10, batch_size=32, num_workers=1,
-                 early_stopping_patience=2, storage=str(tmp_path / "runs"))
-    assert [h["epoch"] for h in r.history] == [0, 1, 2]  # no better validation loss after epoch 0
-    assert r.history[-1]["stopped_early"] and len({h["val_loss"] for h in r.history}) == 1
+    assert r.metrics["val_accuracy"] >= 0.6

@@ -16,7 +16,8 @@ import torch
 import surgery
 from imagesets import write_image_folder
 from pipeline import featurize, fit_head
-from pipeline.train import CheckpointError, _load_checkpoint, _resume_point, _save_checkpoint
+from pipeline.checkpoints import CheckpointError, RunFolder, checkpoint_files, read_folder, resume_from_ray, write_folder
+from surgery.training import TrainState
 from surgery import FineTuneConfiguration, TransferLearning
 from surgery.layers import Output
 
@@ -110,13 +111,14 @@ def test_partial_corrupt_and_pickled_checkpoints_are_detected(tmp_path, ledger):
     for epoch in range(3):
         d = run / f"checkpoint_2026-11-27_10-00-0{epoch}.000000"
         d.mkdir(parents=True)
-        _save_checkpoint(str(d), model, opt, sched, {"epoch": epoch, "history": [], "best": 1.0, "waited": 0})
+        state = TrainState(epoch=epoch + 1, best=1.0, best_epoch=0, best_weights=model.state_dict())
+        write_folder(str(d), checkpoint_files(model, opt, sched, state))
     c0, c1, c2 = _checkpoints(str(run))
-    assert _load_checkpoint(c2)[2]["epoch"] == 2
+    assert read_folder(c2)[1].epoch == 3
 
     os.remove(os.path.join(c2, "meta.json"))  # partial: the run died before meta.json was written
     with pytest.raises(CheckpointError, match="meta.json is missing"):
-        _load_checkpoint(c2)
+        read_folder(c2)
 
     class Evil:
         def __reduce__(self):
@@ -128,17 +130,22 @@ def test_partial_corrupt_and_pickled_checkpoints_are_detected(tmp_path, ledger):
                                  "sha256": hashlib.sha256(open(os.path.join(c1, "state.pt"), "rb").read()).hexdigest()}
     json.dump(meta, open(os.path.join(c1, "meta.json"), "w"))
     with pytest.raises(CheckpointError, match="cannot load: UnpicklingError"):
-        _load_checkpoint(c1)
+        read_folder(c1)
     assert not (tmp_path / "pwned").exists()
 
-    weights, state, meta, used, skipped = _resume_point(ray.train.Checkpoint(c2))
-    assert used == c0 and meta["epoch"] == 0 and len(skipped) == 2
+    # workers resume from Ray Train's latest checkpoint; local mode from the run folder: both skip the bad ones
+    (weights, state, _, _), used, skipped = resume_from_ray(ray.train.Checkpoint(c2))
+    assert used == c0 and state.epoch == 1 and len(skipped) == 2
     assert torch.equal(weights["weight"], model.state_dict()["weight"])
+    (_, local_state, _, _), local_used, local_skipped = RunFolder(str(tmp_path), "run").resume_point()
+    assert local_used == c0 and local_state.epoch == 1 and len(local_skipped) == 2
     with open(os.path.join(c0, "model.safetensors"), "r+b") as f:
         f.truncate(10)
     with pytest.raises(CheckpointError, match="no usable checkpoint to resume from"):
-        _resume_point(ray.train.Checkpoint(c2))
+        resume_from_ray(ray.train.Checkpoint(c2))
+    with pytest.raises(CheckpointError, match="no usable checkpoint to resume from"):
+        RunFolder(str(tmp_path), "run").resume_point()
     ledger(tried="a checkpoint without meta.json, one whose state.pt is a pickle with code (digest forged to match), "
-                 "one truncated", faults=3,
+                 "one truncated; resumed as Ray Train workers and as local mode would", faults=3,
            checked="each is refused with its reason, the code never runs, resume falls back to the newest good one "
                    "and fails clearly when none is left")

@@ -81,5 +81,5 @@ def test_optimizer_honours_layer_lr_and_skips_decay_on_biases(tiny_name):
     assert groups == {(0.1, 0.05): 32 * 3, (0.1, 0.0): 3}
     with pytest.raises(ValueError, match="everything is frozen"):
         cfg.build_optimizer(TransferLearning(model).set_feature_extractor("fc2").build())
-    with pytest.raises(ValueError, match="updater must be one of sgd, nesterov, adam, adamw, rmsprop"):
+    with pytest.raises(ValueError, match="updater: must be one of sgd, nesterov, adam, adamw, adamax"):
         FineTuneConfiguration(updater="lamb")

@@ -1,0 +1,394 @@
+"""``pipeline.sweep``: many heads tried on one feature set with Ray Tune.
+
+The backbone never runs again: the features are read once on the driver, put in the
+object store, and every trial trains a head on them with the Ray-free loop
+(:func:`surgery.training.run_epochs`), one trial per CPU (or GPU) of the cluster, with
+Ray Tune's trial actors reused between trials. An ASHA scheduler stops trials whose
+metric trails the others at its rungs (after 4, 8, 16, ... epochs). Each trial keeps a
+checkpoint of its best epoch (by the sweep's metric), and the best trial's weights come
+back as a full model.
+
+The search space maps settings to Ray Tune search spaces (``tune.loguniform``,
+``tune.choice``, ``tune.grid_search``, ...) or to constants:
+
+* any field of :class:`~surgery.FineTuneConfiguration` (``lr``, ``weight_decay``, ``l2``,
+  ``dropout``, ``updater``, ``momentum``, ...), applied on top of the model's own;
+* training settings: ``epochs``, ``batch_size``, ``patience``, ``max_epochs``;
+* ``n_out.<vertex>``: the width of a trainable layer of the head (a ``Dense`` layer, say),
+  through ``n_out_replace``; it takes categorical spaces (``tune.choice``,
+  ``tune.grid_search``) or constants, since each width is built on the driver.
+
+Every trial holds out the same seeded validation rows (a tenth unless ``validation`` is
+given), so trials are compared on the same data.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+import surgery
+from surgery import FineTuneConfiguration, TransferLearning
+from surgery.freeze import is_frozen
+from surgery.graph import VertexError, resolve
+from surgery.helper import split
+from surgery.objective import LossSpec, check_targets, loss_specs
+from surgery.training import DEFAULT_MAX_EPOCHS, Stopping, run_epochs, tensor_batches
+
+from .features import FeatureSet
+from .train import AUTO_VALIDATION, _feature_tensors, _open_features, default_batch_size, default_storage, run_name, seed_of
+from .features import split_rows
+
+__all__ = ["sweep", "SweepResult", "SWEEP_METRICS", "TRAINING_KEYS"]
+
+log = logging.getLogger(__name__)
+
+SWEEP_METRICS = ("val_loss", "val_accuracy", "loss", "accuracy")  # what every trial reports each epoch
+TRAINING_KEYS = ("epochs", "batch_size", "patience", "max_epochs")
+_FTC_KEYS = tuple(k for k in FineTuneConfiguration.model_fields if k != "seed")
+_WIDTH = "n_out."
+
+
+@dataclass
+class SweepResult:
+    """The outcome of :func:`sweep`."""
+
+    table: Any  # pandas DataFrame: a row per trial (its settings and its best epoch's metrics), best first
+    best_config: dict[str, Any]  # the best trial's sampled settings
+    best_model: fx.GraphModule  # the full model with the best trial's settings and weights
+    best_metrics: dict[str, Any]  # the best trial's best epoch
+    metric: str
+    mode: str
+    seconds: float
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)  # trial -> per-epoch metrics
+
+
+# ---------------------------------------------------------------------------------------
+# checking the space before any trial
+
+
+def _values(space: Any) -> list[Any] | None:
+    """The finite values a search space can take, or None for a continuous one."""
+    from ray.tune.search.sample import Categorical, Domain
+
+    if isinstance(space, dict) and set(space) == {"grid_search"}:
+        return list(space["grid_search"])
+    if isinstance(space, Categorical):
+        return list(space.categories)
+    if isinstance(space, Domain):
+        return None
+    return [space]
+
+
+def _bounds(space: Any) -> list[Any]:
+    lower, upper = getattr(space, "lower", None), getattr(space, "upper", None)
+    return [v for v in (lower, upper) if v is not None]
+
+
+def _check_space(space: Mapping[str, Any], model: fx.GraphModule, metric: str, mode: str,
+                 has_validation: bool) -> dict[str, list[Any]]:
+    """Every problem of ``space``, ``metric`` and ``mode`` at once (a ValueError), before
+    any trial starts. Returns the width settings and their values."""
+    problems = []
+    if not isinstance(space, Mapping) or not space:
+        raise ValueError("the search space is empty; give settings to try, e.g. "
+                         "{'lr': tune.loguniform(1e-4, 1e-1), 'weight_decay': tune.choice([0.0, 1e-4])}")
+    widths: dict[str, list[Any]] = {}
+    head = split(model).unfrozen
+    for key, value in space.items():
+        if key.startswith(_WIDTH):
+            vertex = key[len(_WIDTH):]
+            values = _values(value)
+            try:
+                resolve(model, vertex)
+                if is_frozen(model, vertex):
+                    problems.append(f"{key}: vertex {vertex!r} is frozen; sweep widths of the trainable head only")
+            except VertexError as exc:
+                problems.append(f"{key}: {exc}")
+                continue
+            if values is None:
+                problems.append(f"{key}: a width takes tune.choice([...]), tune.grid_search([...]) or a constant")
+            elif not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+                problems.append(f"{key}: widths must be positive integers, got {values}")
+            else:
+                widths[vertex] = values
+        elif key in _FTC_KEYS:
+            candidates = _values(value) or _bounds(value)
+            for v in candidates:
+                try:
+                    FineTuneConfiguration.from_dict({key: v})
+                except ValueError as exc:
+                    problems.append(f"{key}: {str(exc).split(': ', 1)[-1]}")
+                    break
+        elif key in TRAINING_KEYS:
+            for v in _values(value) or _bounds(value):
+                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                    problems.append(f"{key}: must be positive integers, got {v!r}")
+                    break
+        else:
+            problems.append(f"{key}: unknown setting; valid settings: {', '.join(_FTC_KEYS + TRAINING_KEYS)}, "
+                            f"or {_WIDTH}<vertex> for a trainable layer's width")
+    if metric not in SWEEP_METRICS or (metric.startswith("val_") and not has_validation):
+        problems.append(f"metric {metric!r} is never reported; trials report {', '.join(SWEEP_METRICS)}")
+    if mode not in ("min", "max"):
+        problems.append(f"mode must be 'min' or 'max', got {mode!r}")
+    if not any(p.requires_grad for p in head.parameters()):
+        problems.append("the model has nothing trainable after its frozen boundary")
+    if problems:
+        raise ValueError("cannot sweep: " + "; ".join(problems))
+    return widths
+
+
+# ---------------------------------------------------------------------------------------
+# the trial (runs in a Ray Tune actor)
+
+
+def _width_key(config: Mapping[str, Any], vertices: list[str]) -> tuple:
+    return tuple(config[f"{_WIDTH}{v}"] for v in vertices)
+
+
+def _trial(config: dict[str, Any], *, heads: Any, data: Any, base: dict[str, Any]) -> None:
+    from ray import tune
+
+    from surgery.layers import Layer
+
+    torch.set_num_threads(max(1, int(base["threads"])))
+    torch.manual_seed(base["seed"])
+    head = copy.deepcopy(heads[_width_key(config, base["widths"])])  # with_parameters resolved them from the object store
+    tensors = data
+    ftc = FineTuneConfiguration.from_dict({**base["fine_tune"], **{k: config[k] for k in _FTC_KEYS if k in config}})
+    for module in head.modules():  # the fine-tune configuration's dropout, as the builder applies it
+        if isinstance(module, Layer) and any(p.requires_grad for p in module.parameters()):
+            module.default_dropout = ftc.dropout
+    stopping = Stopping(config.get("epochs", base["epochs"]), config.get("patience", base["patience"]),
+                        config.get("max_epochs", base["max_epochs"]))
+    batch = int(config.get("batch_size", base["batch_size"]))
+    specs = [LossSpec.from_dict(d) for d in base["losses"]]
+    x, y = tensors["train"]
+    train = tensor_batches(tuple(torch.from_numpy(v) for v in x), torch.from_numpy(y), batch, seed=base["seed"])
+    vx, vy = tensors["validation"]
+    val_batches = tensor_batches(tuple(torch.from_numpy(v) for v in vx), torch.from_numpy(vy), 1024, shuffle=False)
+    optimizer = ftc.build_optimizer(head)
+    scheduler = ftc.build_scheduler(optimizer, stopping.limit)
+    metric, sign = base["metric"], (1.0 if base["mode"] == "min" else -1.0)
+    best = [math.inf]
+
+    def on_epoch(state: Any, metrics: dict[str, Any]) -> None:
+        value = sign * float(metrics[metric])
+        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}
+        report["finished"] = state.finished(stopping)
+        if value < best[0]:
+            best[0] = value
+            from safetensors.torch import save_file
+            from ray.tune import Checkpoint
+
+            with tempfile.TemporaryDirectory() as d:
+                save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                          os.path.join(d, "model.safetensors"))
+                tune.report(report, checkpoint=Checkpoint.from_directory(d))
+        else:
+            tune.report(report)
+
+    run_epochs(head, optimizer, scheduler, ftc, specs, train, validation=lambda: val_batches(0), stopping=stopping,
+               on_epoch=on_epoch)
+
+
+# ---------------------------------------------------------------------------------------
+# the driver
+
+
+def _variants(model: fx.GraphModule, widths: dict[str, list[Any]]) -> dict[tuple, fx.GraphModule]:
+    """The full model for each combination of widths (the model itself when none)."""
+    vertices = list(widths)
+    out = {}
+    for combo in itertools.product(*(widths[v] for v in vertices)):
+        builder = TransferLearning(model)
+        for vertex, n in zip(vertices, combo):
+            builder.n_out_replace(vertex, int(n))
+        variant = builder.build() if vertices else model
+        if surgery.frozen_fingerprint(variant) != surgery.frozen_fingerprint(model):
+            raise ValueError(f"changing the width of {', '.join(vertices)} changes the frozen part; sweep trainable layers")
+        out[combo] = variant
+    return out
+
+
+def sweep(
+    model: fx.GraphModule,
+    features: str | FeatureSet,
+    space: Mapping[str, Any],
+    *,
+    num_samples: int = 1,
+    metric: str = "val_loss",
+    mode: str = "min",
+    validation: str | FeatureSet | float | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    early_stopping_patience: int | None = None,
+    max_epochs: int = DEFAULT_MAX_EPOCHS,
+    scheduler: str | None = "asha",
+    max_concurrent_trials: int | None = None,
+    use_gpu: bool = False,
+    storage: str | None = None,
+    name: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    seed: int | None = None,
+) -> SweepResult:
+    """Try many heads on one feature set with Ray Tune; return every trial and the best model.
+
+    Args:
+        model: a freezeray model whose frozen part made ``features``.
+        features: a committed feature-set URI or :class:`FeatureSet`.
+        space: settings to try (see the module docstring), e.g.
+            ``{"lr": tune.loguniform(1e-4, 1e-1), "n_out.fc3": tune.choice([64, 256])}``.
+        num_samples: samples of the space (each ``tune.grid_search`` is crossed with them,
+            as in Ray Tune).
+        metric, mode: what ranks trials: ``val_loss`` (min), ``val_accuracy`` (max), or
+            the training ``loss``/``accuracy``.
+        validation: a feature set or a fraction held out by a seeded split (default: a tenth).
+        epochs, batch_size, early_stopping_patience, max_epochs: as for
+            :func:`pipeline.fit_head`, for settings the space leaves out.
+        scheduler: ``"asha"`` (stop trailing trials early) or None (run every trial out).
+        max_concurrent_trials: None: as many as the cluster's CPUs (GPUs) allow.
+        use_gpu: one GPU per trial.
+        storage, name: where Ray Tune keeps trial results and checkpoints
+            (default ``~/ray_results/sweep-<time>``).
+        storage_options: fsspec options for ``features``, ``validation`` and ``storage``.
+        seed: seeds every trial the same way (default: the fine-tune configuration's, else 0).
+
+    Returns:
+        a :class:`SweepResult`: ``table`` (a pandas DataFrame, best trial first),
+        ``best_config`` and ``best_model``.
+
+    Raises:
+        ValueError: an empty space, an unknown setting, values a setting cannot take, or a
+            metric the trials never report, all before any trial starts.
+
+    Example:
+        >>> from ray import tune
+        >>> result = pipeline.sweep(model, features, {"lr": tune.loguniform(1e-4, 1e-1),
+        ...                                           "weight_decay": tune.choice([0.0, 1e-4])}, num_samples=16)
+        >>> print(result.table.head())
+    """
+    import ray
+    from ray import tune
+
+    from .runtime import cluster_cpus, cluster_gpus, ensure_ray, pyarrow_filesystem
+
+    started = time.perf_counter()
+    fset = _open_features(features, storage_options)
+    fset.check(model)
+    if fset.rows == 0:
+        raise ValueError(f"the feature set at {fset.uri!r} has zero rows: nothing to train on")
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if scheduler not in ("asha", None):
+        raise ValueError(f"scheduler must be 'asha' or None, got {scheduler!r}")
+    specs = loss_specs(model)
+    check_targets(specs, len(fset.classes) or None)
+    validation = AUTO_VALIDATION if validation is None else validation
+    widths = _check_space(space, model, metric, mode, has_validation=True)
+    Stopping(epochs, early_stopping_patience, max_epochs)  # checks them
+    seed = seed_of(model, seed)
+
+    table = _feature_tensors(fset, fset.feature_columns)
+    if isinstance(validation, float):
+        if not 0.0 < validation < 1.0:
+            raise ValueError(f"validation as a fraction must be in (0, 1), got {validation}")
+        train_part, val_part = (split_rows(table, validation, seed, k) for k in ("train", "validation"))
+    else:
+        val_set = _open_features(validation, storage_options)
+        val_set.check(model)
+        train_part, val_part = table, _feature_tensors(val_set, fset.feature_columns)
+    data = {name_: _arrays(part, fset.feature_columns) for name_, part in (("train", train_part), ("validation", val_part))}
+    vertices = list(widths)
+    variants = _variants(model, widths)
+    ensure_ray()
+    heads = {combo: split(m).unfrozen for combo, m in variants.items()}
+    ftc = surgery.get_info(model).fine_tune or FineTuneConfiguration()
+    base = {
+        "seed": seed, "fine_tune": ftc.to_dict(), "epochs": epochs, "patience": early_stopping_patience,
+        "max_epochs": max_epochs, "losses": [s.to_dict() for s in specs], "metric": metric, "mode": mode,
+        "batch_size": batch_size or default_batch_size(len(data["train"][1])), "widths": vertices, "threads": 1,
+    }
+    slots = int(cluster_gpus()) if use_gpu else int(cluster_cpus())
+    concurrent = max(1, min(slots, max_concurrent_trials or slots))
+    trainable = tune.with_parameters(_trial, heads=heads, data=data, base=base)  # put in the object store once
+    trainable = tune.with_resources(trainable, {"cpu": 1, **({"gpu": 1} if use_gpu else {})})
+    asha = None
+    if scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        limit = Stopping(epochs, early_stopping_patience, max_epochs).limit
+        asha = ASHAScheduler(max_t=limit, grace_period=min(4, limit), reduction_factor=2)
+    fs, path = pyarrow_filesystem(storage or default_storage(), storage_options)
+    run = run_name(name, "sweep")
+    tuner = tune.Tuner(
+        trainable,
+        param_space=dict(space),
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, scheduler=asha,
+                                    max_concurrent_trials=concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(name=run, storage_path=path, storage_filesystem=fs, verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(grid)} trials failed; the first: {errors[0]}")
+    out = _collect(grid, space, metric, mode, variants, vertices, model, ftc, started)
+    log.info("sweep %s: %d trials in %.1fs; best %s=%.4f with %s", run, len(out.table), out.seconds, metric,
+             out.best_metrics[metric], out.best_config)
+    return out
+
+
+def _arrays(part: dict[str, np.ndarray], columns: tuple[str, ...]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    order = np.argsort(np.asarray(part["row_id"]), kind="stable")
+    x = tuple(np.ascontiguousarray(np.asarray(part[c])[order], dtype=np.float32) for c in columns)
+    return x, np.asarray(part["label"])[order].astype(np.int64)
+
+
+def _collect(grid: Any, space: Mapping[str, Any], metric: str, mode: str, variants: dict[tuple, fx.GraphModule],
+             vertices: list[str], model: fx.GraphModule, ftc: FineTuneConfiguration, started: float) -> SweepResult:
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    rows, curves, best = [], {}, None
+    sign = 1.0 if mode == "min" else -1.0
+    for result in grid:
+        history = result.metrics_dataframe
+        if history is None or history.empty or metric not in history:
+            continue
+        trial = result.path.rstrip("/").rsplit("/", 1)[-1]
+        records = history.to_dict("records")
+        curves[trial] = records
+        top = min(records, key=lambda r: sign * r[metric])
+        last = records[-1]
+        stopped = "patience" if last.get("stopped_early") else ("epochs" if last.get("finished") else "scheduler")
+        settings = {k: result.config[k] for k in space}
+        rows.append({"trial": trial, **settings, "epochs": len(records), "best_epoch": int(top["epoch"]),
+                     **{m: top.get(m) for m in SWEEP_METRICS}, "ended_by": stopped})
+        if best is None or sign * top[metric] < sign * best[1][metric]:
+            best = (result, top, settings)
+    if best is None:
+        raise RuntimeError("no trial reported a result")
+    table = pd.DataFrame(rows).sort_values(metric, ascending=mode == "min", kind="stable").reset_index(drop=True)
+    result, top, settings = best
+    variant = variants[_width_key(result.config, vertices)]
+    chosen = {k: v for k, v in settings.items() if k in _FTC_KEYS}
+    best_model = TransferLearning(variant).fine_tune_configuration(FineTuneConfiguration.from_dict(chosen)).build() \
+        if chosen else copy.deepcopy(variant)
+    with result.checkpoint.as_directory() as d:
+        weights = load_file(os.path.join(d, "model.safetensors"))
+    best_model.load_state_dict(weights, strict=False)
+    best_model.eval()
+    return SweepResult(table, settings, best_model, top, metric, mode, time.perf_counter() - started, curves)

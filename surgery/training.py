@@ -1,0 +1,288 @@
+"""The training loop, without Ray: one optimizer step, one epoch, and the epoch loop with
+early stopping and best-weight tracking.
+
+Every trainer in freezeray runs these functions: ``TransferLearningHelper.fit_featurized``
+(one step), ``pipeline.fit_head`` in Ray Train's local mode and on Ray Train workers, the
+trials of ``pipeline.sweep`` and ``pipeline.finetune``. Ray only supplies the batches, the
+reduction of metrics across workers and somewhere to put checkpoints (the ``on_epoch``
+hook), so early stopping, resume and metrics are testable here in milliseconds.
+
+Stopping rules (:class:`Stopping`):
+
+* ``epochs=N``: exactly N epochs in total (a resumed run counts those already done),
+  unless ``patience`` is given too, which may end the run earlier;
+* ``epochs=None``: until the monitored loss has not improved for ``patience`` epochs
+  (default :data:`DEFAULT_PATIENCE`), at most ``max_epochs`` (default
+  :data:`DEFAULT_MAX_EPOCHS`).
+
+The monitored loss is the validation loss when there is validation data, else the
+training loss. :class:`TrainState` keeps the best epoch's weights (of the trained module,
+so parameters and buffers such as BatchNorm statistics), which trainers return instead of
+the last epoch's (Keras's ``restore_best_weights=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .finetune import FineTuneConfiguration
+from .layers import emit_logits
+from .objective import LossSpec, objective
+
+__all__ = ["Stopping", "TrainState", "StepResult", "train_step", "score_batches", "run_epochs", "tensor_batches",
+           "DEFAULT_PATIENCE", "DEFAULT_MAX_EPOCHS"]
+
+DEFAULT_PATIENCE = 20  # epochs without a better monitored loss before epochs=None stops
+DEFAULT_MAX_EPOCHS = 200  # the most epochs epochs=None runs
+
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]  # (inputs in argument order, targets)
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """When the epoch loop ends.
+
+    Example:
+        >>> Stopping(epochs=None)                 # until the loss stops improving (patience 20, at most 200)
+        >>> Stopping(epochs=20)                   # exactly 20 epochs
+        >>> Stopping(epochs=50, patience=3)       # at most 50, ended after 3 epochs without improvement
+    """
+
+    epochs: int | None = None  # epochs in total; None: until the monitored loss stops improving
+    patience: int | None = None  # epochs without improvement that end the run; None with epochs=None: DEFAULT_PATIENCE
+    max_epochs: int = DEFAULT_MAX_EPOCHS  # bound for epochs=None
+    min_delta: float = 0.0  # an improvement must lower the monitored loss by more than this
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "patience"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+        if not isinstance(self.max_epochs, int) or isinstance(self.max_epochs, bool) or self.max_epochs <= 0:
+            raise ValueError(f"max_epochs must be a positive integer, got {self.max_epochs!r}")
+        if not isinstance(self.min_delta, (int, float)) or self.min_delta < 0:
+            raise ValueError(f"min_delta must be a non-negative number, got {self.min_delta!r}")
+
+    @property
+    def limit(self) -> int:
+        """The most epochs this run may take."""
+        return self.epochs if self.epochs is not None else self.max_epochs
+
+    @property
+    def effective_patience(self) -> int | None:
+        if self.patience is not None:
+            return self.patience
+        return DEFAULT_PATIENCE if self.epochs is None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "patience": self.patience, "max_epochs": self.max_epochs,
+                "min_delta": self.min_delta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Stopping":
+        return cls(**d)
+
+
+@dataclass
+class TrainState:
+    """Where a run stands after its last finished epoch; what a checkpoint holds."""
+
+    epoch: int = 0  # the next epoch to run
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per finished epoch
+    best: float = float("inf")  # the best monitored loss so far
+    best_epoch: int | None = None  # the epoch that reached it
+    waited: int = 0  # epochs since the last improvement
+    stopped: bool = False  # early stopping ended the run
+    best_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # the trained module's state at best_epoch
+
+    def meta(self) -> dict[str, Any]:
+        """The JSON-able part (everything but the weights)."""
+        return {"epoch": self.epoch, "history": self.history, "best": self.best, "best_epoch": self.best_epoch,
+                "waited": self.waited, "stopped": self.stopped}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], best_weights: dict[str, torch.Tensor] | None = None) -> "TrainState":
+        return cls(int(meta["epoch"]), list(meta["history"]), float(meta["best"]), meta.get("best_epoch"),
+                   int(meta["waited"]), bool(meta["stopped"]), best_weights)
+
+    def finished(self, stopping: Stopping) -> bool:
+        return self.stopped or self.epoch >= stopping.limit
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean loss of the batch (without the L1/L2 penalty)
+    correct: int  # rows whose top class is the label (0 when the output is not a class score)
+    rows: int
+
+
+def _correct(out: Any, y: torch.Tensor) -> int:
+    first = out[0] if isinstance(out, tuple) else out
+    if first.dim() == 2 and y.dim() == 1:
+        return int((first.argmax(1) == y).sum())
+    return 0
+
+
+def train_step(model: nn.Module, inputs: Sequence[torch.Tensor], targets: torch.Tensor, optimizer: torch.optim.Optimizer,
+               config: FineTuneConfiguration, specs: Sequence[LossSpec], *, inner: nn.Module | None = None,
+               autocast: Any = None, scaler: Any = None) -> StepResult:
+    """One optimizer step: forward (``Output`` layers emit logits), the objective plus the
+    fine-tune configuration's L1/L2 penalty, backward, gradient clipping, step.
+
+    Args:
+        model: what runs forward (a DDP wrapper on Ray Train workers).
+        inputs: the model's positional inputs (features in boundary order, or pixels).
+        targets: class indices (or target values).
+        inner: the unwrapped module for the penalty and clipping (default: ``model``).
+        autocast: a context manager for mixed precision (``torch.autocast``), or None.
+        scaler: a ``torch.amp.GradScaler`` for fp16, or None.
+    """
+    inner = inner if inner is not None else model
+    with autocast if autocast is not None else contextlib.nullcontext(), emit_logits(inner):
+        out = model(*inputs)
+        loss = objective(specs, out, targets)
+    penalty = config.penalty(inner)
+    total = loss.float() + penalty if penalty is not None else loss.float()
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+        config.clip_gradients_(inner)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        total.backward()
+        config.clip_gradients_(inner)
+        optimizer.step()
+    return StepResult(float(loss.detach()), _correct(out, targets), int(targets.shape[0]))
+
+
+def score_batches(model: nn.Module, batches: Iterable[Batch], specs: Sequence[LossSpec], *,
+                  autocast: Any = None) -> tuple[float, int, int]:
+    """(loss sum, correct, rows) of ``model`` over ``batches`` in eval mode, without gradients."""
+    was = model.training
+    model.eval()
+    loss_sum, correct, rows = 0.0, 0, 0
+    try:
+        with torch.no_grad(), autocast if autocast is not None else contextlib.nullcontext(), emit_logits(model):
+            for inputs, y in batches:
+                out = model(*inputs)
+                loss_sum += float(objective(specs, out, y)) * int(y.shape[0])
+                correct += _correct(out, y)
+                rows += int(y.shape[0])
+    finally:
+        model.train(was)
+    return loss_sum, correct, rows
+
+
+def tensor_batches(inputs: Sequence[torch.Tensor], targets: torch.Tensor, batch_size: int, *, shuffle: bool = True,
+                   seed: int = 0, rank: int = 0, drop_last: bool = False) -> Callable[[int], Iterator[Batch]]:
+    """``epoch -> batches`` over tensors held in memory: a fresh permutation per epoch,
+    seeded by (seed, epoch, rank), so a run and its resumed continuation see the same order."""
+    n = int(targets.shape[0])
+
+    def epoch_batches(epoch: int) -> Iterator[Batch]:
+        if shuffle:
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) * 101 + int(rank))
+            order = torch.randperm(n, generator=g)
+        else:
+            order = None
+        stop = n - n % batch_size if drop_last else n
+        for i in range(0, stop, batch_size):
+            if order is None:
+                yield tuple(x[i:i + batch_size] for x in inputs), targets[i:i + batch_size]
+            else:
+                idx = order[i:i + batch_size]
+                yield tuple(x[idx] for x in inputs), targets[idx]
+
+    return epoch_batches
+
+
+def _state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def run_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: FineTuneConfiguration,
+    specs: Sequence[LossSpec],
+    train: Callable[[int], Iterable[Batch]],
+    *,
+    validation: Callable[[], Iterable[Batch]] | None = None,
+    stopping: Stopping = Stopping(),
+    state: TrainState | None = None,
+    inner: nn.Module | None = None,
+    reduce: Callable[[list[float]], list[float]] | None = None,
+    on_epoch: Callable[[TrainState, dict[str, Any]], None] | None = None,
+    on_batch: Callable[[int, int, StepResult], None] | None = None,
+    autocast: Any = None,
+    scaler: Any = None,
+) -> TrainState:
+    """Train epoch after epoch until ``stopping`` says so. Returns the final state, whose
+    ``best_weights`` are the trained module's state at its best epoch.
+
+    Args:
+        model: what runs forward (a DDP wrapper on Ray Train workers).
+        optimizer, scheduler: from ``config`` (``build_optimizer``/``build_scheduler``);
+            the scheduler is stepped once per epoch.
+        config: the fine-tune configuration (penalty, clipping).
+        specs: the losses of the model's outputs.
+        train: ``epoch -> batches`` (see :func:`tensor_batches`).
+        validation: ``() -> batches`` of held-out data, scored after each epoch.
+        stopping: epochs, patience and the bound for ``epochs=None``.
+        state: where a resumed run stands (a fresh run starts at epoch 0).
+        inner: the unwrapped module (default: ``model``); its state is what ``best_weights`` holds.
+        reduce: sums metrics across workers (``all_reduce``); identity when alone.
+        on_epoch: called after each epoch with the state and that epoch's metrics
+            (checkpointing and reporting happen there); the metrics include
+            ``stopped_early`` and ``best`` (this epoch is the best so far).
+        on_batch: called as ``on_batch(epoch, step, result)`` after each step.
+    """
+    inner = inner if inner is not None else model
+    state = state if state is not None else TrainState()
+    patience = stopping.effective_patience
+    reduce = reduce or (lambda values: values)
+    while not state.finished(stopping):
+        epoch = state.epoch
+        started = time.perf_counter()
+        model.train()
+        loss_sum, correct, rows = 0.0, 0, 0
+        for step, (inputs, y) in enumerate(train(epoch)):
+            result = train_step(model, inputs, y, optimizer, config, specs, inner=inner, autocast=autocast, scaler=scaler)
+            loss_sum += result.loss * result.rows
+            correct += result.correct
+            rows += result.rows
+            if on_batch is not None:
+                on_batch(epoch, step, result)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        loss_sum, correct, rows = reduce([loss_sum, float(correct), float(rows)])
+        metrics: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / max(rows, 1), "accuracy": correct / max(rows, 1),
+                                   "rows": int(rows), "lr": lr}
+        if validation is not None:
+            v_loss, v_ok, v_rows = reduce(list(map(float, score_batches(model, validation(), specs, autocast=autocast))))
+            metrics.update(val_loss=v_loss / max(v_rows, 1), val_accuracy=v_ok / max(v_rows, 1), val_rows=int(v_rows))
+        metrics["seconds"] = time.perf_counter() - started
+        monitored = float(metrics.get("val_loss", metrics["loss"]))
+        improved = monitored < state.best - stopping.min_delta
+        if improved:
+            state.best, state.best_epoch, state.waited = monitored, epoch, 0
+            state.best_weights = _state_copy(inner)
+        else:
+            state.waited += 1
+        state.stopped = patience is not None and state.waited >= patience
+        metrics["best"] = improved
+        metrics["stopped_early"] = state.stopped
+        state.history.append(metrics)
+        state.epoch = epoch + 1
+        if on_epoch is not None:
+            on_epoch(state, metrics)
+    return state
