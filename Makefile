@@ -1,21 +1,29 @@
-# Two commands for a new user: `make demo` and `make test`.
-# Each creates .venv when it is missing and installs the project into it; the install is
-# skipped when pyproject.toml and constraints.txt have not changed since the last one.
+# Three commands for a new user: `make demo`, `make test` and `make lint` (`make test-fast`
+# is the inner loop). Each creates .venv when it is missing and installs the project into
+# it; the install is skipped when pyproject.toml and constraints.txt have not changed.
 
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+PYTEST := $(VENV)/bin/python -m pytest -q --durations=25
 
-.PHONY: demo test
+.PHONY: demo test test-fast lint
 
 demo: $(STAMP)
 	$(VENV)/bin/freezeray demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(PYTEST)
+
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check surgery pipeline jobs benchmarks tests
+	$(VENV)/bin/mypy surgery
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test,demo]' --config-settings editable_mode=compat
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test,demo,lint]' --config-settings editable_mode=compat
 	touch $(STAMP)

@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 
-from .common import RESULTS, _Files, frozen_lite0, save_json, start_ray, table, write_jpegs
+from .common import (
+    RESULTS,
+    _Files,
+    frozen_lite0,
+    save_json,
+    start_ray,
+    table,
+    write_jpegs,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -61,7 +69,7 @@ class _LabelledFiles(_Files):
         return super().__getitem__(i), self.labels[i]
 
 
-def run(images: int = 300, epoch_counts: tuple[int, ...] = (1, 3, 10), batch_size: int = 64, num_workers: int = 1,
+def run(images: int = 300, epoch_counts: tuple[int, ...] = (1, 3, 10), batch_size: int = 64, num_workers: int | None = None,
         threads: int | None = None, image_size: int | None = None) -> dict[str, Any]:
     import pipeline
 
@@ -102,7 +110,8 @@ def run(images: int = 300, epoch_counts: tuple[int, ...] = (1, 3, 10), batch_siz
     head_epoch = ours[max(epoch_counts)]["epochs_s"] / max(epoch_counts)
     feat_rate = ours[max(epoch_counts)]["featurize_s"]
     return {
-        "settings": {"images": images, "epochs": list(epoch_counts), "batch_size": batch_size, "fit_workers": num_workers,
+        "settings": {"images": images, "epochs": list(epoch_counts), "batch_size": batch_size,
+                     "fit_workers": "automatic (local mode)" if num_workers is None else num_workers,
                      "threads": threads, "input_size": list(config.input_size)},
         "rows": rows,
         "plain_epoch_s": per_epoch,
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--epochs", type=int, nargs="+", default=[1, 3, 10])
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--fit-workers", type=int, default=1)
+    p.add_argument("--fit-workers", type=int, default=None, help="Ray Train workers (default: automatic, local mode here)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)

@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import RESULTS, baseline_featurize, frozen_lite0, save_json, start_ray, table, write_jpegs
+from .common import (
+    RESULTS,
+    baseline_featurize,
+    frozen_lite0,
+    save_json,
+    start_ray,
+    table,
+    write_jpegs,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -97,8 +105,9 @@ def _freezeray(model: Any, source: Any, config: Any, batch_size: int, num_actors
     first: list[float] = []
     try:
         t = time.perf_counter()
+        resources = pipeline.Resources(num_workers=num_actors, threads_per_worker=threads, gpus_per_worker=num_gpus)
         fset = pipeline.featurize(model, source, str(out / "features"), preprocessing=config, batch_size=batch_size,
-                                  num_actors=num_actors, threads_per_actor=threads, num_gpus=num_gpus, autocast=autocast,
+                                  resources=resources, autocast=autocast,
                                   progress=lambda i, rows, errors: first or first.append(time.perf_counter()))
         seconds = time.perf_counter() - t
         return {"seconds": seconds, "images_per_s": fset.rows / seconds, "rows": fset.rows}

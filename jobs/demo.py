@@ -6,13 +6,13 @@ runs ``jobs/configs/digits.yaml`` in that folder."""
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import replace
 from importlib import resources
 
 import numpy as np
 
-__all__ = ["write_digits", "run_demo", "DIGITS_CONFIG"]
+from .config import RunConfig, load_config
+
+__all__ = ["write_digits", "demo_config", "DIGITS_CONFIG"]
 
 DIGITS_CONFIG = "digits.yaml"
 
@@ -45,24 +45,16 @@ def write_digits(root: str, test_size: float = 0.25, seed: int = 0, per_class: i
     return counts
 
 
-def run_demo(workdir: str = "freezeray-out", per_class: int | None = None, epochs: int | None = None,
-             verbose: bool = False) -> int:
-    from .cli import _print_outcome
-    from .config import load_config
-    from .steps import connect, run_all
-
-    started = time.perf_counter()
+def demo_config(workdir: str, per_class: int | None = None, epochs: int | None = None) -> tuple[RunConfig, dict[str, int], str]:
+    """Write the digits under ``workdir`` and return the demo's config for that folder,
+    the image counts and where the images are."""
     workdir = os.path.abspath(workdir)
     data = "digits" if per_class is None else f"digits-{per_class}"
     counts = write_digits(os.path.join(workdir, data), per_class=per_class)
-    print(f"digits: {counts['train']} train and {counts['test']} test PNGs in {os.path.join(workdir, data)}")
-    path = str(resources.files("jobs") / "configs" / DIGITS_CONFIG)
-    cfg = load_config(path, base_dir=workdir)
+    cfg = load_config(str(resources.files("jobs") / "configs" / DIGITS_CONFIG), base_dir=workdir)
     if per_class is not None:
-        cfg = replace(cfg, data=replace(cfg.data, train=f"{data}/train", test=f"{data}/test"),
-                      featurize=replace(cfg.featurize, output=f"features-{per_class}"))
+        cfg = cfg.with_(data=cfg.data.model_copy(update={"train": f"{data}/train", "test": f"{data}/test"}),
+                        featurize=cfg.featurize.model_copy(update={"output": f"features-{per_class}"}))
     if epochs is not None:
-        cfg = replace(cfg, training=replace(cfg.training, epochs=epochs))
-    connect(verbose)
-    _print_outcome(run_all(cfg), started)
-    return 0
+        cfg = cfg.with_(training=cfg.training.model_copy(update={"epochs": epochs}))
+    return cfg, counts, os.path.join(workdir, data)

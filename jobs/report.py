@@ -1,25 +1,38 @@
 """The run report: a folder with the resolved config (secrets left unresolved), the model
 summary, per-epoch metrics, the evaluation, timings and throughput, the training curves
-and confusion matrix as PNG, and a Markdown page that shows them."""
+and confusion matrix as PNG, the trials of a sweep (a table and a plot), and a Markdown
+page that shows them.
+
+Figures are drawn with matplotlib's object-oriented API (``matplotlib.figure.Figure`` and
+its Agg canvas), so writing a report never switches the process's backend (a notebook
+keeps its own)."""
 
 from __future__ import annotations
 
 import io
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 import surgery
 from surgery import storage
 
-if TYPE_CHECKING:
-    from .steps import RunOutcome
+from .outcome import RunOutcome
 
-__all__ = ["write_report", "curves_png", "confusion_png"]
+__all__ = ["write_report", "curves_png", "confusion_png", "sweep_png"]
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
 
 
 def _png(fig: Any) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
@@ -27,13 +40,9 @@ def _png(fig: Any) -> bytes:
 
 def curves_png(history: list[dict[str, Any]]) -> bytes:
     """Loss and accuracy per epoch (train, and validation when present)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [h["epoch"] + 1 for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = _figure(9, 3.4)
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [h["loss"] for h in history], marker="o", label="train")
     ax_acc.plot(epochs, [h["accuracy"] for h in history], marker="o", label="train")
     if history and "val_loss" in history[0]:
@@ -44,21 +53,16 @@ def curves_png(history: list[dict[str, Any]]) -> bytes:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _png(fig)
 
 
 def confusion_png(confusion: list[list[int]], classes: list[str]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     m = np.asarray(confusion)
     size = max(3.5, 0.45 * len(classes) + 1.5)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = _figure(size, size)
+    ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -70,9 +74,25 @@ def confusion_png(confusion: list[list[int]], classes: list[str]) -> bytes:
                 ax.text(j, i, str(m[i, j]), ha="center", va="center",
                         color="white" if m[i, j] > m.max() / 2 else "black", fontsize=8)
     ax.set_title("confusion matrix")
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _png(fig)
+
+
+def sweep_png(curves: dict[str, list[dict[str, Any]]], metric: str, best: str | None) -> bytes:
+    """``metric`` per epoch for every trial of a sweep, the best one drawn bold."""
+    fig = _figure(6.5, 3.6)
+    ax = fig.subplots()
+    for trial, records in curves.items():
+        xs = [r["epoch"] + 1 for r in records if metric in r]
+        ys = [r[metric] for r in records if metric in r]
+        ax.plot(xs, ys, lw=2.2 if trial == best else 0.9, alpha=1.0 if trial == best else 0.55,
+                label=f"best ({trial})" if trial == best else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{len(curves)} trials")
+    ax.grid(alpha=0.3)
+    if best is not None:
+        ax.legend()
+    return _png(fig)
 
 
 def _keep_references(original: Any, redacted: Any) -> Any:
@@ -84,7 +104,7 @@ def _keep_references(original: Any, redacted: Any) -> Any:
     return redacted
 
 
-def _redacted_config(outcome: "RunOutcome") -> dict[str, Any]:
+def _redacted_config(outcome: RunOutcome) -> dict[str, Any]:
     """The config as written: ${VAR} references stay references; literal secrets are masked."""
     raw = json.loads(json.dumps(outcome.config.raw, default=str))
     data = raw.get("data") or {}
@@ -93,7 +113,7 @@ def _redacted_config(outcome: "RunOutcome") -> dict[str, Any]:
     return raw
 
 
-def write_report(uri: str, outcome: "RunOutcome", storage_options: dict | None = None) -> str:
+def write_report(uri: str, outcome: RunOutcome, storage_options: dict | None = None) -> str:
     """Write the report folder under ``uri`` and return the page's URI."""
     files: dict[str, bytes] = {}
     files["config.yaml"] = yaml.safe_dump(_redacted_config(outcome), sort_keys=False).encode()
@@ -109,9 +129,17 @@ def write_report(uri: str, outcome: "RunOutcome", storage_options: dict | None =
         }
     if outcome.fit is not None:
         metrics["history"] = outcome.fit.history
-        metrics["run"] = {"name": outcome.fit.run, "checkpoint": outcome.fit.checkpoint}
+        metrics["run"] = {"name": outcome.fit.run, "checkpoint": outcome.fit.checkpoint, "mode": outcome.fit.mode,
+                          "workers": outcome.fit.workers, "best_epoch": outcome.fit.best_epoch}
         throughput["train_rows_per_s"] = outcome.fit.rows_per_s
         files["curves.png"] = curves_png(outcome.fit.history)
+    if outcome.sweep is not None:
+        sw = outcome.sweep
+        files["sweep.csv"] = sw.table.to_csv(index=False).encode()
+        best_trial = sw.table.iloc[0]["trial"] if len(sw.table) else None
+        files["sweep.png"] = sweep_png(sw.curves, sw.metric, best_trial)
+        metrics["sweep"] = {"trials": len(sw.table), "metric": sw.metric, "mode": sw.mode, "seconds": sw.seconds,
+                            "best_config": sw.best_config, "best": sw.best_metrics}
     metrics["throughput"] = throughput
     if outcome.evaluation is not None:
         ev = outcome.evaluation
@@ -129,7 +157,7 @@ def write_report(uri: str, outcome: "RunOutcome", storage_options: dict | None =
     return storage.join(uri, "report.md")
 
 
-def _page(outcome: "RunOutcome", metrics: dict[str, Any], files: dict[str, bytes]) -> str:
+def _page(outcome: RunOutcome, metrics: dict[str, Any], files: dict[str, bytes]) -> str:
     cfg = outcome.config
     lines = [f"# freezeray run: {cfg.name}", ""]
     base = cfg.model.base or cfg.model.load
@@ -151,6 +179,15 @@ def _page(outcome: "RunOutcome", metrics: dict[str, Any], files: dict[str, bytes
         for h in outcome.fit.history:
             lines.append(f"| {h['epoch'] + 1} | {h['loss']:.4f} | {h['accuracy']:.4f} | {h.get('val_loss', float('nan')):.4f} "
                          f"| {h.get('val_accuracy', float('nan')):.4f} | {h['lr']:.2e} |")
+    if outcome.sweep is not None:
+        sw = outcome.sweep
+        shown = [c for c in sw.table.columns if c != "trial"]
+        lines += ["", "## Sweep", "", f"{len(sw.table)} trials on the cached features in {sw.seconds:.1f}s, ranked by "
+                  f"{sw.metric} ({sw.mode}); the model is the best trial's best epoch. All trials: "
+                  "[sweep.csv](sweep.csv).", "", "![trials](sweep.png)", "",
+                  "| trial | " + " | ".join(shown) + " |", "|" + " --- |" * (len(shown) + 1)]
+        for row in sw.table.head(20).to_dict("records"):
+            lines.append(f"| {row['trial']} | " + " | ".join(_cell(row[c]) for c in shown) + " |")
     lines += ["", "## Timings and throughput", "", "| step | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in outcome.timings.items()]
     for key, value in metrics.get("throughput", {}).items():
@@ -160,3 +197,7 @@ def _page(outcome: "RunOutcome", metrics: dict[str, Any], files: dict[str, bytes
         elif value is not None:
             lines.append(f"- {key}: {value:.0f}")
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

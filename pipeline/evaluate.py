@@ -1,24 +1,23 @@
-"""``pipeline.evaluate`` and ``pipeline.predict``: a model scored over a feature set
-(its head on the features) or over raw images (the whole model), with the same
-actor-pool design as featurization. Metrics are accumulated on the driver batch by batch
-(a confusion matrix and loss sums), so no rows are collected.
+"""``pipeline.evaluate``: a model scored over a feature set (its head on the features) or
+over raw images (the whole model), with the same actor-pool design as featurization (or
+in this process, for a feature set that fits). Metrics are accumulated on the driver
+batch by batch (a confusion matrix and loss sums), so no rows are collected. The
+:class:`Scorer` is shared with :mod:`pipeline.predict`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.fx as fx
 
-import surgery
 from surgery import storage
 from surgery.helper import split
 from surgery.layers import compute_loss, emit_logits, probabilities
@@ -26,10 +25,13 @@ from surgery.objective import LossSpec, loss_specs
 from surgery.preprocess import PreprocessConfig, normalize
 
 from .features import FeatureSet
-from .shards import ERRORS, MANIFEST, ShardPlan, ShardWriter, clear, gather_errors, read_json, shard_path, write_json, write_table
+from .resources import Resources
+from .shards import (
+    MANIFEST,
+)
 from .sources import ImageSource, decode_dataset, read_images, readable
 
-__all__ = ["evaluate", "predict", "Scorer", "EvalResult", "PredictResult"]
+__all__ = ["evaluate", "Scorer", "EvalResult"]
 
 log = logging.getLogger(__name__)
 
@@ -154,15 +156,15 @@ def _is_feature_set(data: Any, storage_options: dict | None) -> bool:
     return storage.exists(storage.join(str(data), MANIFEST), storage_options)
 
 
-def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batch_size: int, num_actors: int | None,
-            num_gpus: float | None, cpus_per_actor: float | None, image_size: int | None,
-            classes: Sequence[str] | None) -> tuple[Any, tuple[str, ...], str]:
+def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batch_size: int, resources: Resources | None,
+            image_size: int | None, classes: Sequence[str] | None) -> tuple[Any, tuple[str, ...], str]:
     """A Ray Dataset of scored rows for ``data``, its classes, and what it is."""
     import ray
     import ray.data
 
-    from .featurize import actor_memory, resolve_preprocessing
-    from .runtime import ensure_ray, plan_actors
+    from surgery.preprocess import model_preprocessing
+
+    from .runtime import actor_memory, ensure_ray, plan_actors
 
     ensure_ray()
     specs = loss_specs(model)
@@ -170,7 +172,9 @@ def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batc
         raise ValueError(f"evaluate/predict need a model with one output; it has {len(specs)}")
     on_features = _is_feature_set(data, storage_options)
     # a head on features is cheap: one actor, unless asked; images get the featurization plan
-    pool = plan_actors(num_actors if num_actors is not None or not on_features else 1, num_gpus, cpus_per_actor, None)
+    if on_features and (resources is None or resources.num_workers is None):
+        resources = (resources or Resources()).model_copy(update={"num_workers": 1})
+    pool = plan_actors(resources)
     if on_features:
         fset = data if isinstance(data, FeatureSet) else FeatureSet.open(str(data), storage_options)
         fset.check(model)
@@ -182,7 +186,7 @@ def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batc
         names, what = fset.classes, f"feature set {fset.uri}"
     else:
         src = data if isinstance(data, ImageSource) else read_images(str(data), storage_options, classes=classes)
-        config = resolve_preprocessing(model, None, image_size)
+        config = model_preprocessing(model, None, image_size)
         ds = decode_dataset(src.table, config, src.storage_options)
         kwargs = {"model": [ray.put(model)], "inputs": "pixels", "loss": specs[0].to_dict(), "preprocessing": config.to_dict()}
         memory = actor_memory(model, config, batch_size)
@@ -194,36 +198,68 @@ def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batc
     return ds, tuple(names), what
 
 
+def _local_scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batch_size: int,
+                  resources: Resources | None) -> tuple[Any, tuple[str, ...], str]:
+    """Scored batches of a feature set small enough for this process (as ``fit_head``'s
+    local mode decides), computed here without Ray; ``(None, (), "")`` otherwise."""
+    import math
+
+    from .head import local_limit_bytes
+
+    if not _is_feature_set(data, storage_options) or (resources is not None and resources.num_workers):
+        return None, (), ""
+    fset = data if isinstance(data, FeatureSet) else FeatureSet.open(str(data), storage_options)
+    if fset.rows * 4 * sum(math.prod(s) for s in fset.feature_shapes) > local_limit_bytes() or fset.rows == 0:
+        return None, (), ""
+    fset.check(model)
+    specs = loss_specs(model)
+    if len(specs) != 1:
+        raise ValueError(f"evaluate/predict need a model with one output; it has {len(specs)}")
+    table = fset.read(["row_id", "label", *fset.feature_columns])
+    scorer = Scorer(copy.deepcopy(split(model).unfrozen), "features", specs[0].to_dict(),
+                    feature_columns=fset.feature_columns, device="cpu")
+    columns = {c: (table.column(c).combine_chunks().to_numpy_ndarray() if c in fset.feature_columns
+                   else table.column(c).to_numpy()) for c in table.column_names}
+
+    def batches() -> Any:
+        for i in range(0, fset.rows, batch_size):
+            yield scorer({c: v[i:i + batch_size] for c, v in columns.items()})
+
+    return batches(), fset.classes, f"feature set {fset.uri}"
+
+
 def evaluate(
     model: fx.GraphModule,
     data: str | FeatureSet | ImageSource,
     *,
     storage_options: dict[str, Any] | None = None,
     batch_size: int = 256,
-    num_actors: int | None = None,
-    num_gpus: float | None = None,
-    cpus_per_actor: float | None = None,
+    resources: Resources | None = None,
     image_size: int | None = None,
     classes: Sequence[str] | None = None,
 ) -> EvalResult:
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix of ``model``
     on labelled ``data``: a committed feature set (URI or :class:`FeatureSet`; the head
-    runs on its features) or an image folder/manifest (the whole model runs on images).
+    runs on its features) or an image folder/manifest (the whole model runs on images). A
+    feature set small enough for this process (``fit_head``'s local-mode rule) is scored
+    here without Ray, unless ``resources.num_workers`` asks for actors.
 
     Raises:
         FeatureMismatch: a feature set made by another frozen graph.
         ValueError: unlabeled data, or labels the output cannot score.
     """
     started = time.perf_counter()
-    ds, names, what = _scored(model, data, storage_options, batch_size, num_actors, num_gpus, cpus_per_actor,
-                              image_size, classes)
+    batches, names, what = _local_scored(model, data, storage_options, batch_size, resources)
+    if batches is None:
+        ds, names, what = _scored(model, data, storage_options, batch_size, resources, image_size, classes)
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
     spec = loss_specs(model)[0]
     if spec.n_out is not None and len(names) > spec.n_out:
         raise ValueError(f"the data has {len(names)} classes but output {spec.vertex!r} has {spec.n_out} units")
     k = max(len(names), spec.n_out or 0)
     confusion = np.zeros((k, k), dtype=np.int64)
     loss_sum, loss_rows, errors, unlabeled = 0.0, 0, 0, 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
         bad = ~readable(batch["error"])
         errors += int(bad.sum())
         labels = np.asarray(batch["label"])[~bad]
@@ -241,77 +277,3 @@ def evaluate(
     log.info("evaluated %s: accuracy %.4f, loss %.4f over %d rows (%d errors)", what, result.accuracy, result.loss,
              result.rows, result.errors)
     return result
-
-
-# ---------------------------------------------------------------------------------------
-# predict
-
-
-@dataclass
-class PredictResult:
-    output: str  # folder with shards/, errors.parquet and manifest.json
-    rows: int  # predictions written (one per readable input)
-    errors: int  # inputs that could not be read
-    seconds: float
-    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
-
-
-def predict(
-    model: fx.GraphModule,
-    source: str | ImageSource,
-    output: str,
-    *,
-    storage_options: dict[str, Any] | None = None,
-    batch_size: int = 64,
-    num_actors: int | None = None,
-    num_gpus: float | None = None,
-    cpus_per_actor: float | None = None,
-    image_size: int | None = None,
-    shard_rows: int = 4096,
-    overwrite: bool = False,
-) -> PredictResult:
-    """Batch inference from raw images to Parquet under ``output``: one row per readable
-    input (row_id, path, label when known, predicted, class_name, probabilities), an
-    errors table for the rest, and a manifest written last.
-
-    Raises:
-        FileExistsError: ``output`` holds predictions already (and not ``overwrite``).
-    """
-    started = time.perf_counter()
-    if read_json(storage.join(output, MANIFEST), storage_options) is not None:
-        if not overwrite:
-            raise FileExistsError(f"{output!r} already holds predictions; pass overwrite=True or choose another output")
-        clear(output, storage_options)
-    src = source if isinstance(source, ImageSource) else read_images(source, storage_options)
-    info = surgery.get_info(model)
-    class_names = info.classes or src.classes
-    plan = ShardPlan(len(src), shard_rows)
-    table = src.table.append_column("shard", pa.array(plan.shard_of(np.arange(len(src))).astype(np.int64)))
-    ds, _, _ = _scored(model, ImageSource(src.uri, table, src.classes, src.layout, src.storage_options), storage_options,
-                       batch_size, num_actors, num_gpus, cpus_per_actor, image_size, None)
-    writer = ShardWriter(output, storage_options, plan, range(plan.count),
-                         ["row_id", "path", "label", "predicted", "class_name", "probabilities"])
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        predicted = np.asarray(batch["predicted"])
-        batch["class_name"] = np.asarray([class_names[i] if i < len(class_names) else str(i) for i in predicted], dtype=object)
-        writer.add(batch)
-    if writer.open_shards:
-        raise RuntimeError(f"prediction ended with shards {writer.open_shards[:10]} incomplete")
-    errors = gather_errors(output, storage_options, range(plan.count))
-    write_table(storage.join(output, ERRORS), errors, storage_options)
-    manifest = {
-        "format": "freezeray.predictions/1",
-        "model": info.name,
-        "model_fingerprint": surgery.fingerprint(model),
-        "classes": list(class_names),
-        "source": {"uri": src.uri, "layout": src.layout, "rows": len(src), "listing_hash": src.listing_hash()},
-        "rows": writer.rows_written,
-        "errors": int(errors.num_rows),
-        "shards": [{"path": shard_path(i)} for i in range(plan.count)],
-        "errors_file": ERRORS,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_json(storage.join(output, MANIFEST), manifest, storage_options)
-    seconds = time.perf_counter() - started
-    log.info("predicted %d images (%d errors) in %.1fs -> %s", writer.rows_written, errors.num_rows, seconds, output)
-    return PredictResult(output, writer.rows_written, int(errors.num_rows), seconds, manifest)

@@ -35,15 +35,33 @@ import surgery
 from surgery import storage
 from surgery.freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes
 from surgery.helper import split
-from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, normalize
+from surgery.preprocess import (
+    MAX_IMAGE_PIXELS,
+    PreprocessConfig,
+    model_preprocessing,
+    normalize,
+)
 
 from .features import FEATURES_FORMAT, FeatureSet
 from .lease import OutputLease
-from .shards import (ATTEMPT, ERRORS, MANIFEST, ShardPlan, ShardWriter, clear, completed_shards, gather_errors,
-                     read_json, shard_path, write_json, write_table)
+from .resources import Resources
+from .shards import (
+    ATTEMPT,
+    ERRORS,
+    MANIFEST,
+    ShardPlan,
+    ShardWriter,
+    clear,
+    completed_shards,
+    gather_errors,
+    read_json,
+    shard_path,
+    write_json,
+    write_table,
+)
 from .sources import ImageSource, decode_dataset, read_images, readable
 
-__all__ = ["featurize", "Featurizer", "feature_model", "resolve_preprocessing", "actor_memory"]
+__all__ = ["featurize", "Featurizer", "feature_model"]
 
 log = logging.getLogger(__name__)
 
@@ -128,36 +146,12 @@ def feature_model(model: fx.GraphModule, boundary: str | Sequence[str] | None) -
     return copied
 
 
-def resolve_preprocessing(model: fx.GraphModule, preprocessing: PreprocessConfig | dict | None,
-                          image_size: int | None) -> PreprocessConfig:
-    """The model's preprocessing, replaced by ``preprocessing`` and/or resized to ``image_size``."""
-    config = surgery.get_info(model).preprocessing
-    if isinstance(preprocessing, dict):
-        config = PreprocessConfig.from_dict({**config.to_dict(), **preprocessing})
-    elif isinstance(preprocessing, PreprocessConfig):
-        config = preprocessing
-    if image_size is not None:
-        config = config.with_size(int(image_size))
-    return config
-
-
 def _feature_shapes(frozen: fx.GraphModule, config: PreprocessConfig) -> list[tuple[int, ...]]:
     x = torch.zeros(1, *config.input_size)
     with torch.no_grad():
         frozen.eval()
         y = frozen(x)
     return [tuple(v.shape[1:]) for v in (y if isinstance(y, tuple) else (y,))]
-
-
-def actor_memory(frozen: fx.GraphModule, config: PreprocessConfig | None, batch_size: int) -> int:
-    """Bytes a model actor needs, declared to Ray: its process with torch imported (about
-    1.25 GiB with headroom), the graph's tensors twice (loading copies them), and
-    activations for one batch of images (taken as twelve float copies of the input; none
-    for feature inputs). Measured peak: 1.2 to 1.3 GiB for efficientnet_lite0 at 224 px and
-    batch 64, for which Ray Data asks for 1.5 to 1.7 GiB; this gives 1.75 GiB."""
-    tensors = sum(t.numel() * t.element_size() for t in frozen.state_dict().values())
-    activations = 12 * 4 * batch_size * math.prod(config.input_size) if config is not None else 0
-    return int(1.25 * 2**30 + 2 * tensors + activations)
 
 
 def _fingerprint(model_fp: str, boundary: Sequence[str], config: PreprocessConfig, dtype: str, listing: str) -> str:
@@ -178,10 +172,7 @@ def featurize(
     image_size: int | None = None,
     dtype: FeatureDtype = "float16",
     batch_size: int = 64,
-    num_actors: int | None = None,
-    num_gpus: float | None = None,
-    cpus_per_actor: float | None = None,
-    threads_per_actor: int | None = None,
+    resources: Resources | None = None,
     decode_batch_size: int = 32,
     shard_rows: int | None = None,
     shard_bytes: int = 64 << 20,
@@ -203,12 +194,10 @@ def featurize(
         image_size: shorthand for another input size (e.g. smaller images for a quick run).
         dtype: ``"float16"`` (half the bytes) or ``"float32"``.
         batch_size: images per model call.
-        num_actors: model actors (each loads the frozen sub-graph once); None: one per GPU,
-            or on CPU-only clusters one per node (see ``runtime.plan_actors``).
-        num_gpus: GPUs per actor; None: 1 when the cluster has GPUs, else 0.
-        cpus_per_actor: CPUs reserved per actor; None: 1 with GPUs, else what decoding leaves.
-        threads_per_actor: torch threads per CPU actor; None: the cluster's CPUs shared by
-            the actors (Ray's CPU reservations are logical; decoding is a small share).
+        resources: the model actors (:class:`~pipeline.Resources`: ``num_workers`` actors,
+            each loading the frozen sub-graph once; ``use_gpu``; CPUs and torch threads per
+            actor); left out: one actor per GPU, or on CPU-only clusters one per node using
+            its cores (see ``runtime.plan_actors``).
         decode_batch_size: images per decode task.
         shard_rows: rows per Parquet shard; None: as many as fit in ``shard_bytes``.
         autocast: fp16 autocast on GPU actors.
@@ -232,7 +221,7 @@ def featurize(
     """
     import ray
 
-    from .runtime import ensure_ray, plan_actors
+    from .runtime import actor_memory, ensure_ray, plan_actors
 
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
@@ -242,7 +231,7 @@ def featurize(
     src = source if isinstance(source, ImageSource) else read_images(source, storage_options)
     feat_model = feature_model(model, boundary)
     parts = split(feat_model)
-    config = resolve_preprocessing(model, preprocessing, image_size)
+    config = model_preprocessing(model, preprocessing, image_size)
     shapes = _feature_shapes(parts.frozen, config)
     model_fp = surgery.frozen_fingerprint(feat_model)
     fp = _fingerprint(model_fp, parts.boundary, config, dtype, src.listing_hash())
@@ -270,7 +259,7 @@ def featurize(
                              on_shard=progress, before_write=lease.check)
         if table.num_rows:
             ensure_ray()
-            pool = plan_actors(num_actors, num_gpus, cpus_per_actor, threads_per_actor)
+            pool = plan_actors(resources)
             model_ref = ray.put(parts.frozen)
             ds = decode_dataset(table, config, src.storage_options, decode_batch_size,
                                 rows_per_block=min(rows_per_shard, 4 * decode_batch_size), max_pixels=max_image_pixels)

@@ -12,12 +12,28 @@ import logging
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch.fx as fx
 
+import surgery
+from surgery.finetune import FineTuneConfiguration
 from surgery.objective import check_targets, loss_specs
-from surgery.training import Stopping
+from surgery.training import DEFAULT_MAX_EPOCHS, Stopping
 
-from .train import FitResult, TrainSettings, finish, run_name, run_trainer, seed_of, default_storage, _fmt
+from .features import split_rows
+from .head import AUTO_VALIDATION
+from .resources import Resources
+from .train import (
+    FitResult,
+    TrainSettings,
+    _fmt,
+    default_storage,
+    finish,
+    run_name,
+    run_trainer,
+    seed_of,
+    training_resources,
+)
 
 __all__ = ["finetune"]
 
@@ -28,9 +44,9 @@ def finetune(
     model: fx.GraphModule,
     source: Any,
     *,
-    epochs: int | None = 5,
+    epochs: int | None = None,
     batch_size: int = 32,
-    num_workers: int = 1,
+    num_workers: int | None = None,
     use_gpu: bool = False,
     validation: Any = None,
     augment: bool = True,
@@ -38,23 +54,28 @@ def finetune(
     storage: str | None = None,
     name: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    resources: Resources | None = None,
     shuffle: bool = True,
     seed: int | None = None,
     early_stopping_patience: int | None = None,
+    max_epochs: int = DEFAULT_MAX_EPOCHS,
     max_failures: int = 0,
-    cpus_per_worker: float = 1.0,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
     """Train the whole model from raw images; frozen layers stay frozen.
 
     Arguments are as for :func:`pipeline.fit_head`; ``source``/``validation`` are image
-    folders, manifests or :class:`ImageSource`s, ``image_size`` overrides the input size,
-    and ``num_workers=0`` trains in this process (Ray Train's local mode; decoding still
-    runs in Ray Data tasks). The returned model holds the best epoch's weights.
+    folders, manifests or :class:`ImageSource`s, ``image_size`` overrides the input size.
+    ``num_workers=0`` trains in this process (Ray Train's local mode; decoding still runs
+    in Ray Data tasks, streamed every epoch); None (the default) is one Ray Train worker
+    per GPU with ``use_gpu``, else local mode. ``epochs=None`` (the default) trains until
+    the validation loss (training loss without validation) stops improving. The
+    returned model holds the best epoch's weights.
     """
     import ray.train
 
-    from .featurize import resolve_preprocessing
+    from surgery.preprocess import model_preprocessing
+
     from .runtime import ensure_ray
     from .sources import ImageSource, image_dataset, read_images
 
@@ -68,15 +89,25 @@ def finetune(
     check_targets(specs, len(src.classes), src.labels)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has nothing trainable: everything is frozen")
+    num_workers, use_gpu, cpus_per_worker = training_resources(num_workers, use_gpu, resources)
+    if num_workers is None:
+        from .runtime import cluster_gpus
+
+        num_workers = max(1, int(cluster_gpus())) if use_gpu else 0
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
         raise ValueError(f"num_workers must be a non-negative integer (0: local mode), got {num_workers!r}")
-    config = resolve_preprocessing(model, None, image_size)
-    import surgery
-    from surgery.finetune import FineTuneConfiguration
-
+    seed = seed_of(model, seed)
+    if validation is None and epochs is None:  # early stopping needs held-out images: a seeded tenth, as fit_head
+        ids = src.table.column("row_id").to_numpy()
+        rows = {"row_id": ids, "position": np.arange(len(ids))}
+        validation = src.subset(split_rows(rows, AUTO_VALIDATION, seed, "validation")["position"])
+        src = src.subset(split_rows(rows, AUTO_VALIDATION, seed, "train")["position"])
+        log.info("finetune: epochs=None stops on the validation loss; holding out a seeded %.0f%% of the images (%d)",
+                 100 * AUTO_VALIDATION, len(validation))
+    config = model_preprocessing(model, None, image_size)
     settings = TrainSettings(
-        stopping=Stopping(epochs, early_stopping_patience).to_dict(), batch_size=batch_size, shuffle=shuffle,
-        seed=seed_of(model, seed), inputs="pixels", feature_columns=(), preprocessing=config.to_dict(),
+        stopping=Stopping(epochs, early_stopping_patience, max_epochs).to_dict(), batch_size=batch_size, shuffle=shuffle,
+        seed=seed, inputs="pixels", feature_columns=(), preprocessing=config.to_dict(),
         losses=tuple(s.to_dict() for s in specs),
         fine_tune=(surgery.get_info(model).fine_tune or FineTuneConfiguration()).to_dict(),
         validation=validation is not None, world_size=num_workers, run=run_name(name, "finetune"),

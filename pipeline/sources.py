@@ -32,7 +32,12 @@ import numpy as np
 import pyarrow as pa
 
 from surgery import storage
-from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, decode_image, resize_crop
+from surgery.preprocess import (
+    MAX_IMAGE_PIXELS,
+    PreprocessConfig,
+    decode_image,
+    resize_crop,
+)
 
 __all__ = ["ImageSource", "read_images", "IMAGE_EXTENSIONS", "read_and_decode", "decode_memory", "decode_dataset",
            "readable", "image_dataset"]

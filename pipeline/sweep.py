@@ -46,9 +46,9 @@ from surgery.helper import split
 from surgery.objective import LossSpec, check_targets, loss_specs
 from surgery.training import DEFAULT_MAX_EPOCHS, Stopping, run_epochs, tensor_batches
 
-from .features import FeatureSet
-from .train import AUTO_VALIDATION, _feature_tensors, _open_features, default_batch_size, default_storage, run_name, seed_of
-from .features import split_rows
+from .features import FeatureSet, split_rows
+from .head import AUTO_VALIDATION, _feature_tensors, _open_features, default_batch_size
+from .train import default_storage, run_name, seed_of
 
 __all__ = ["sweep", "SweepResult", "SWEEP_METRICS", "TRAINING_KEYS"]
 
@@ -190,8 +190,8 @@ def _trial(config: dict[str, Any], *, heads: Any, data: Any, base: dict[str, Any
         report["finished"] = state.finished(stopping)
         if value < best[0]:
             best[0] = value
-            from safetensors.torch import save_file
             from ray.tune import Checkpoint
+            from safetensors.torch import save_file
 
             with tempfile.TemporaryDirectory() as d:
                 save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
@@ -280,7 +280,6 @@ def sweep(
         ...                                           "weight_decay": tune.choice([0.0, 1e-4])}, num_samples=16)
         >>> print(result.table.head())
     """
-    import ray
     from ray import tune
 
     from .runtime import cluster_cpus, cluster_gpus, ensure_ray, pyarrow_filesystem
@@ -368,8 +367,8 @@ def _collect(grid: Any, space: Mapping[str, Any], metric: str, mode: str, varian
         history = result.metrics_dataframe
         if history is None or history.empty or metric not in history:
             continue
-        trial = result.path.rstrip("/").rsplit("/", 1)[-1]
         records = history.to_dict("records")
+        trial = str(records[-1].get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1])
         curves[trial] = records
         top = min(records, key=lambda r: sign * r[metric])
         last = records[-1]

@@ -1,10 +1,10 @@
 """Model surgery for transfer learning on ``torch.fx`` graphs: DL4J's TransferLearning,
 FineTuneConfiguration and TransferLearningHelper, plus summary and save/load."""
 
-from . import layers, vertices, zoo
+from . import edits, layers, losses, specs, training, vertices, zoo
 from .builder import TransferLearning
-from .fingerprint import fingerprint, frozen_fingerprint
 from .finetune import FineTuneConfiguration
+from .fingerprint import fingerprint, frozen_fingerprint
 from .freeze import freeze_, is_frozen, unfreeze_
 from .graph import ShapeError, VertexError, vertex_names
 from .helper import Split, TransferLearningHelper, split
@@ -16,7 +16,11 @@ from .summary import Summary, summary
 from .weights import WeightsError
 
 __all__ = [
+    "edits",
     "layers",
+    "losses",
+    "specs",
+    "training",
     "vertices",
     "zoo",
     "TransferLearning",

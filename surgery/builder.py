@@ -19,35 +19,31 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import torch.fx as fx
 from torch import nn
 
+from . import edits as E
 from . import layers as L
 from . import ops
 from .finetune import FineTuneConfiguration
 from .freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes
-from .graph import VertexError, example_input, propagate_, resolve, vertex_of, vertex_table
+from .graph import (
+    VertexError,
+    example_input,
+    propagate_,
+    resolve,
+    vertex_of,
+    vertex_table,
+)
 from .recipe import get_info, set_info_
+from .specs import build_module, describe
 
 __all__ = ["TransferLearning", "apply_ops"]
 
 log = logging.getLogger(__name__)
 
-_ORDER = {
-    "remove_vertex_keep_connections": 0,
-    "remove_vertex_and_connections": 1,
-    "n_out_replace": 2,
-    "n_in_replace": 2,
-    "add_layer": 3,
-    "add_vertex": 3,
-    "set_outputs": 4,
-    "set_feature_extractor": 5,
-    "freeze": 5,
-    "unfreeze": 5,
-    "fine_tune_configuration": 5,
-}
 _SINGLE = ("set_outputs", "fine_tune_configuration")
 
 
@@ -70,18 +66,18 @@ class TransferLearning:
     def __init__(self, model: fx.GraphModule) -> None:
         get_info(model)  # a freezeray model, or a clear error
         self._model = model
-        self._ops: list[dict[str, Any]] = []
+        self._ops: list[E.Op] = []
         self._modules: dict[str, nn.Module] = {}  # live modules for add_layer/add_vertex, by vertex name
 
     # -- recording ------------------------------------------------------------------------
-    def _record(self, op: dict[str, Any]) -> "TransferLearning":
-        kind = op["op"]
-        if kind in _SINGLE and any(o["op"] == kind for o in self._ops):
+    def _record(self, op: E.Op) -> "TransferLearning":
+        kind = op.op
+        if kind in _SINGLE and any(o.op == kind for o in self._ops):
             raise ValueError(f"{kind} was already called on this builder; call it once")
-        key = op.get("vertex") or op.get("name")
+        key = _key(op)
         if key is not None:
             for o in self._ops:
-                if (o.get("vertex") or o.get("name")) == key and o["op"] == kind:
+                if _key(o) == key and o.op == kind:
                     raise ValueError(f"{kind}({key!r}) was already called on this builder")
         self._ops.append(op)
         return self
@@ -92,48 +88,53 @@ class TransferLearning:
         it (DL4J's semantics); the others keep the model's values."""
         if not isinstance(config, FineTuneConfiguration):
             raise TypeError(f"fine_tune_configuration takes a FineTuneConfiguration, got {type(config).__name__}")
-        return self._record({"op": "fine_tune_configuration", "config": config.to_dict()})
+        return self._record(E.FineTuneOp(config=config))
 
     def set_feature_extractor(self, *vertices: str) -> "TransferLearning":
         """Freeze ``vertices`` and all their ancestors; the frozen set becomes exactly that
         (so this can also unfreeze)."""
         if not vertices:
             raise ValueError("set_feature_extractor needs at least one vertex")
-        for o in self._ops:
-            if o["op"] == "set_feature_extractor":
-                o["vertices"] = sorted(set(o["vertices"]) | set(vertices))
+        for i, o in enumerate(self._ops):
+            if isinstance(o, E.SetFeatureExtractor):
+                self._ops[i] = E.SetFeatureExtractor(vertices=sorted(set(o.vertices) | set(vertices)))
                 return self
-        return self._record({"op": "set_feature_extractor", "vertices": sorted(set(vertices))})
+        return self._record(E.SetFeatureExtractor(vertices=sorted(set(vertices))))
 
     def freeze(self, *vertices: str) -> "TransferLearning":
         """Freeze just these vertices (not their ancestors), on top of the frozen set."""
-        return self._record({"op": "freeze", "vertices": sorted(set(vertices))})
+        return self._record(E.Freeze(vertices=sorted(set(vertices))))
 
     def unfreeze(self, *vertices: str) -> "TransferLearning":
         """Unfreeze these vertices; applied after every freezing op."""
-        return self._record({"op": "unfreeze", "vertices": sorted(set(vertices))})
+        return self._record(E.Unfreeze(vertices=sorted(set(vertices))))
 
     def n_out_replace(self, vertex: str, n_out: int, weight_init: Any = "xavier", fan_out_init: Any = None) -> "TransferLearning":
         """Give ``vertex`` ``n_out`` outputs (weights re-initialised with ``weight_init``)
         and carry the width forward to the next parametric layers, which are rebuilt with
         ``fan_out_init`` (default: ``weight_init``)."""
-        L.parse_weight_init(weight_init)
-        L.parse_weight_init(fan_out_init if fan_out_init is not None else weight_init)
-        return self._record({"op": "n_out_replace", "vertex": vertex, "n_out": n_out, "weight_init": weight_init,
-                             "fan_out_init": fan_out_init if fan_out_init is not None else weight_init})
+        return self._record(E.NOutReplace(vertex=vertex, n_out=n_out, weight_init=weight_init,
+                                          fan_out_init=fan_out_init if fan_out_init is not None else weight_init))
 
     def n_in_replace(self, vertex: str, n_in: int, weight_init: Any = "xavier") -> "TransferLearning":
         """Give ``vertex`` ``n_in`` inputs and fresh weights."""
-        L.parse_weight_init(weight_init)
-        return self._record({"op": "n_in_replace", "vertex": vertex, "n_in": n_in, "weight_init": weight_init})
+        return self._record(E.NInReplace(vertex=vertex, n_in=n_in, weight_init=weight_init))
 
     def remove_vertex_keep_connections(self, vertex: str) -> "TransferLearning":
-        """Remove ``vertex`` but keep its place: add a vertex with the same name to fill it."""
-        return self._record({"op": "remove_vertex_keep_connections", "vertex": vertex})
+        """Remove ``vertex`` but keep its place: a vertex added later under the same name
+        takes its place among its consumers and the outputs, and its inputs unless it
+        names its own. ``build()`` fails if nothing takes the place of a vertex that
+        something still reads."""
+        return self._record(E.RemoveVertexKeepConnections(vertex=vertex))
 
     def remove_vertex_and_connections(self, vertex: str) -> "TransferLearning":
-        """Remove ``vertex`` and everything that only it fed (its downstream vertices)."""
-        return self._record({"op": "remove_vertex_and_connections", "vertex": vertex})
+        """Remove ``vertex`` and every vertex computed from it, directly or not (each of
+        them needs its output), and drop all of those from the model's outputs. Vertices
+        that only fed ``vertex`` stay (dead ones are removed at the end of ``build()``, as
+        always). Example: on VGG16, ``remove_vertex_and_connections("fc2")`` removes
+        ``fc2`` and ``predictions``; ``fc1`` stays, and the model has no output until
+        ``add_layer``/``set_outputs`` give it one."""
+        return self._record(E.RemoveVertexAndConnections(vertex=vertex))
 
     def add_layer(self, name: str, layer: nn.Module, *inputs: str) -> "TransferLearning":
         """Add ``layer`` as vertex ``name`` after ``inputs`` (several inputs are concatenated
@@ -148,17 +149,35 @@ class TransferLearning:
     def _add(self, kind: str, name: str, module: nn.Module, inputs: tuple[str, ...]) -> "TransferLearning":
         if not isinstance(module, nn.Module):
             raise TypeError(f"{kind}({name!r}): expected a torch.nn.Module, got {type(module).__name__}")
-        spec = L.describe(module)
-        op = {"op": kind, "name": name, "layer": spec, "inputs": list(inputs)}
-        if spec is None:
-            op["layer_class"] = f"{type(module).__module__}.{type(module).__qualname__}"
+        spec = describe(module)
+        layer_class = None if spec is not None else f"{type(module).__module__}.{type(module).__qualname__}"
+        if kind == "add_layer":
+            op: E.Op = E.AddLayer(name=name, layer=spec, inputs=list(inputs), layer_class=layer_class)
+        else:
+            op = E.AddVertex(name=name, vertex=spec, inputs=list(inputs), layer_class=layer_class)
         self._record(op)
         self._modules[name] = module
         return self
 
     def set_outputs(self, *vertices: str) -> "TransferLearning":
         """Make ``vertices`` the model's outputs, in this order."""
-        return self._record({"op": "set_outputs", "vertices": list(vertices)})
+        return self._record(E.SetOutputs(vertices=list(vertices)))
+
+    def extend(self, ops: list[Any]) -> "TransferLearning":
+        """Record ops given as data: :mod:`surgery.edits` objects, recipe dicts, or a
+        config's short form (``{"n_out_replace": {"vertex": "fc2", "n_out": 1024}}``).
+        Added layers are built from their specs."""
+        for op in E.parse_ops(list(ops)):
+            if isinstance(op, E.SetFeatureExtractor):
+                self.set_feature_extractor(*op.vertices)
+            else:
+                self._record(op)
+        return self
+
+    @property
+    def ops(self) -> list[E.Op]:
+        """The ops recorded so far, in call order."""
+        return list(self._ops)
 
     # -- building -------------------------------------------------------------------------
     def build(self) -> fx.GraphModule:
@@ -173,7 +192,11 @@ class TransferLearning:
         return apply_ops(model, self._ops, modules)
 
 
-def _canonical(model: fx.GraphModule, ops_: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _key(op: E.Op) -> str | None:
+    return getattr(op, "vertex", None) if isinstance(getattr(op, "vertex", None), str) else getattr(op, "name", None)
+
+
+def _canonical(model: fx.GraphModule, ops_: list[E.Op]) -> list[E.Op]:
     """The ops in the order ``build()`` applies them (see the module docstring)."""
     position = {n.name: i for i, n in enumerate(model.graph.nodes)}
     table = vertex_table(model)
@@ -182,67 +205,66 @@ def _canonical(model: fx.GraphModule, ops_: list[dict[str, Any]]) -> list[dict[s
         v = table.get(vertex)
         return position[v.nodes[0].name] if v is not None else len(position)
 
-    adds = [o for o in ops_ if o["op"] in ("add_layer", "add_vertex")]
-    added = {o["name"] for o in adds}
-    ordered_adds: list[dict[str, Any]] = []
+    adds = [o for o in ops_ if isinstance(o, (E.AddLayer, E.AddVertex))]
+    added = {o.name for o in adds}
+    ordered_adds: list[E.Op] = []
     done: set[str] = set()
-    remaining = sorted(adds, key=lambda o: o["name"])
+    remaining = sorted(adds, key=lambda o: o.name)
     while remaining:
-        ready = [o for o in remaining if all(i not in added or i in done for i in o["inputs"])]
+        ready = [o for o in remaining if all(i not in added or i in done for i in o.inputs)]
         if not ready:
-            raise VertexError(f"added vertices depend on each other in a cycle: {', '.join(o['name'] for o in remaining)}")
+            raise VertexError(f"added vertices depend on each other in a cycle: {', '.join(o.name for o in remaining)}")
         first = ready[0]
         ordered_adds.append(first)
-        done.add(first["name"])
+        done.add(first.name)
         remaining.remove(first)
-    rest = [o for o in ops_ if o["op"] not in ("add_layer", "add_vertex")]
-    rest.sort(key=lambda o: (_ORDER[o["op"]], graph_pos(o.get("vertex", "")) if "vertex" in o else 0, o["op"]))
-    before = [o for o in rest if _ORDER[o["op"]] < 3]
-    after = [o for o in rest if _ORDER[o["op"]] > 3]
+    rest = [o for o in ops_ if not isinstance(o, (E.AddLayer, E.AddVertex))]
+    rest.sort(key=lambda o: (o.phase, graph_pos(getattr(o, "vertex")) if isinstance(getattr(o, "vertex", None), str) else 0,
+                             o.op))
+    before = [o for o in rest if o.phase < 3]
+    after = [o for o in rest if o.phase > 3]
     return before + ordered_adds + after
 
 
-def apply_ops(model: fx.GraphModule, ops_: list[dict[str, Any]], modules: dict[str, nn.Module] | None = None) -> fx.GraphModule:
-    """Apply builder ops (as data) to ``model`` in canonical order. This is done in place
-    on ``model`` (the builder passes a deep copy); ``surgery.load`` uses it to replay a
-    recipe. ``modules`` holds live modules for add ops, else they are built from specs."""
+def apply_ops(model: fx.GraphModule, ops_: Sequence[E.Op | dict[str, Any]],
+              modules: dict[str, nn.Module] | None = None) -> fx.GraphModule:
+    """Apply builder ops (:mod:`surgery.edits` objects, or their dicts from a recipe) to
+    ``model`` in canonical order. This is done in place on ``model`` (the builder passes a
+    deep copy); ``surgery.load`` uses it to replay a recipe. ``modules`` holds live modules
+    for add ops, else they are built from their specs."""
     info = get_info(model)
-    ops_ = [dict(o) for o in ops_]
-    for o in ops_:
-        if o.get("op") not in _ORDER:
-            raise ValueError(f"unknown surgery op {o.get('op')!r}; valid ops: {', '.join(_ORDER)}")
-    ordered = _canonical(model, ops_)
+    ordered = _canonical(model, E.parse_ops(list(ops_)))
     config = info.fine_tune
     for o in ordered:
-        if o["op"] == "fine_tune_configuration":  # DL4J: only the settings given override the model's
-            given = FineTuneConfiguration.from_dict(o["config"])
-            config = config.merged(given) if config is not None else given
+        if isinstance(o, E.FineTuneOp):  # DL4J: only the settings given override the model's
+            config = config.merged(o.config) if config is not None else o.config
     seed = config.seed if config is not None else None
     old_outputs = _outputs(model)
     previous_frozen = {n.name for n in frozen_nodes(model)}
     for o in ordered:
-        kind = o["op"]
-        if kind == "remove_vertex_keep_connections":
-            ops.remove_keep_connections_(model, o["vertex"])
-        elif kind == "remove_vertex_and_connections":
-            if o["vertex"] not in vertex_table(model):
-                if any(h.meta.get(ops.HOLE_KEY) == o["vertex"] for h in ops.holes(model)):
-                    raise VertexError(f"vertex {o['vertex']!r} is removed twice (keep and and-connections)")
-                resolve(model, o["vertex"])  # unknown: raises with close names
-            ops.remove_and_connections_(model, o["vertex"])
-        elif kind == "n_out_replace":
-            ops.n_out_replace_(model, o["vertex"], o["n_out"], o["weight_init"], o["fan_out_init"], seed)
-        elif kind == "n_in_replace":
-            ops.n_in_replace_(model, o["vertex"], o["n_in"], o["weight_init"], seed)
-        elif kind in ("add_layer", "add_vertex"):
-            module = (modules or {}).get(o["name"])
+        if isinstance(o, E.RemoveVertexKeepConnections):
+            ops.remove_keep_connections_(model, o.vertex)
+        elif isinstance(o, E.RemoveVertexAndConnections):
+            if o.vertex not in vertex_table(model):
+                if any(h.meta.get(ops.HOLE_KEY) == o.vertex for h in ops.holes(model)):
+                    raise VertexError(f"vertex {o.vertex!r} is removed twice (keep and and-connections)")
+                resolve(model, o.vertex)  # unknown: raises with close names
+            ops.remove_and_connections_(model, o.vertex)
+        elif isinstance(o, E.NOutReplace):
+            fan_out = o.fan_out_init if o.fan_out_init is not None else o.weight_init
+            ops.n_out_replace_(model, o.vertex, o.n_out, o.weight_init, fan_out, seed)
+        elif isinstance(o, E.NInReplace):
+            ops.n_in_replace_(model, o.vertex, o.n_in, o.weight_init, seed)
+        elif isinstance(o, (E.AddLayer, E.AddVertex)):
+            module = (modules or {}).get(o.name)
             if module is None:
-                if o.get("layer") is None:
-                    raise ValueError(f"{kind}({o['name']!r}): the recipe has no description of its module")
-                module = L.build_module(o["layer"])
-            ops.add_module_(model, o["name"], module, o["inputs"], merge=kind == "add_layer", seed=seed)
-        elif kind == "set_outputs":
-            ops.set_outputs_(model, o["vertices"])
+                spec = o.spec()
+                if spec is None:
+                    raise ValueError(f"{o.op}({o.name!r}): the recipe has no description of its module")
+                module = build_module(spec)
+            ops.add_module_(model, o.name, module, o.inputs, merge=isinstance(o, E.AddLayer), seed=seed)
+        elif isinstance(o, E.SetOutputs):
+            ops.set_outputs_(model, o.vertices)
     ops.finish_(model)
     propagate_(model, example_input(info.preprocessing.input_size))
     ops.finish_(model)  # propagation swapped pending modules for real ones
@@ -288,10 +310,10 @@ def _outputs(model: fx.GraphModule) -> list[str]:
     return [vertex_of(n, calls) for n in out.all_input_nodes]
 
 
-def _freeze_from_ops(model: fx.GraphModule, ordered: list[dict[str, Any]], previous: set[str]) -> None:
-    fe = [v for o in ordered if o["op"] == "set_feature_extractor" for v in o["vertices"]]
-    extra = [v for o in ordered if o["op"] == "freeze" for v in o["vertices"]]
-    drop = [v for o in ordered if o["op"] == "unfreeze" for v in o["vertices"]]
+def _freeze_from_ops(model: fx.GraphModule, ordered: list[E.Op], previous: set[str]) -> None:
+    fe = [v for o in ordered if isinstance(o, E.SetFeatureExtractor) for v in o.vertices]
+    extra = [v for o in ordered if isinstance(o, E.Freeze) for v in o.vertices]
+    drop = [v for o in ordered if isinstance(o, E.Unfreeze) for v in o.vertices]
     table = vertex_table(model)
     if fe:
         frozen = feature_extractor_nodes(model, fe)

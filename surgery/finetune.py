@@ -243,10 +243,10 @@ class FineTuneConfiguration(Schema):
         """DL4J's L1/L2 terms over trainable weights (not biases or norms), or None."""
         if not (self.l1 or self.l2):
             return None
-        total = None
+        total: Any = None
         for p in model.parameters():
             if p.requires_grad and p.dim() > 1:
-                term = 0.0
+                term: Any = 0.0
                 if self.l1:
                     term = term + self.l1 * p.abs().sum()
                 if self.l2:

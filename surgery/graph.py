@@ -298,7 +298,6 @@ class _Propagator(fx.Interpreter):
         self._calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
 
     def run_node(self, n: fx.Node) -> Any:
-        from . import layers
 
         try:
             if n.op == "call_module":

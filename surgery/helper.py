@@ -12,17 +12,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 
+from . import training
 from .finetune import FineTuneConfiguration
 from .freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes, frozen_prefix
 from .graph import vertex_of
 from .objective import loss_specs
 from .recipe import get_info
-from . import training
 
 __all__ = ["TransferLearningHelper", "Split", "split"]
 

@@ -2,8 +2,9 @@
 ``ConvolutionLayer``, with activations, weight initialisation and losses by name.
 
 ``n_in`` is left open and inferred by shape propagation when the model is built.
-Plain ``torch.nn.Module``s are accepted by the builder too; :func:`describe` says how
-a module is written into a recipe.
+Plain ``torch.nn.Module``s are accepted by the builder too; :func:`surgery.specs.describe`
+says how a module is written into a recipe. Losses live in :mod:`surgery.losses`
+(``emit_logits``, ``compute_loss`` and ``probabilities`` are re-exported here).
 
 Dropout follows DL4J: ``dropout`` is the probability of dropping each *input* of the
 layer while training (Keras puts it after the layer; the computation is the same one
@@ -15,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .losses import LOSSES, canonical_loss, compute_loss, emit_logits, probabilities
 
 __all__ = [
     "Layer",
@@ -30,15 +32,13 @@ __all__ = [
     "ACTIVATIONS",
     "LOSSES",
     "WEIGHT_INITS",
+    "LAYER_TYPES",
     "activation_fn",
     "init_weight_",
     "parse_weight_init",
     "emit_logits",
     "compute_loss",
     "probabilities",
-    "register_layer",
-    "describe",
-    "build_module",
     "layer_generator",
 ]
 
@@ -62,16 +62,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "log_softmax": lambda x: F.log_softmax(x, dim=1),
 }
 
-# loss name -> activations it may follow (DL4J's combinations, with logits allowed as "identity")
-LOSSES: dict[str, tuple[str, ...]] = {
-    "nll": ("softmax", "log_softmax", "identity", "linear"),
-    "cross_entropy": ("softmax", "identity", "linear"),
-    "bce": ("sigmoid", "identity", "linear"),
-    "mse": tuple(ACTIVATIONS),
-    "mae": tuple(ACTIVATIONS),
-}
-_LOSS_ALIASES = {"mcxent": "cross_entropy", "negative_log_likelihood": "nll", "xent": "bce", "l2": "mse", "l1": "mae"}
-
 WEIGHT_INITS = (
     "xavier", "xavier_uniform", "relu", "he", "relu_uniform", "he_uniform", "lecun",
     "normal(mean, std)", "uniform(low, high)", "constant(value)", "zeros", "ones", "default",
@@ -79,7 +69,8 @@ WEIGHT_INITS = (
 
 
 def _choice_error(kind: str, value: Any, choices: Any) -> ValueError:
-    return ValueError(f"unknown {kind} {value!r}; valid {kind}s: {', '.join(choices)}")
+    plural = {"loss": "losses", "activation": "activations", "weight_init": "weight_inits"}.get(kind, kind + "s")
+    return ValueError(f"unknown {kind} {value!r}; valid {plural}: {', '.join(choices)}")
 
 
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -87,13 +78,6 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in ACTIVATIONS:
         raise _choice_error("activation", name, ACTIVATIONS)
     return ACTIVATIONS[name]
-
-
-def canonical_loss(name: str) -> str:
-    name = _LOSS_ALIASES.get(str(name).lower(), str(name).lower())
-    if name not in LOSSES:
-        raise _choice_error("loss", name, list(LOSSES) + sorted(_LOSS_ALIASES))
-    return name
 
 
 _INIT_CALL = re.compile(r"^\s*(normal|uniform|constant)\s*\(([^)]*)\)\s*$")
@@ -236,7 +220,7 @@ class Layer(nn.Module):
         self.n_in = int(n_in)
         self._build(self.n_in)
         generator = layer_generator(self.init_seed, self.init_name) if self.init_seed is not None else None
-        core = self._core()
+        core: Any = self._core()
         init_weight_(core.weight, self.weight_init, generator)
         if core.bias is not None:
             with torch.no_grad():
@@ -306,6 +290,7 @@ class Dense(Layer):
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() > 2:
             x = x.flatten(1)  # (B, C, H, W) -> (B, C*H*W)
+        assert self.linear is not None, "materialized before the first call"
         return self.linear(self._drop(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -410,210 +395,8 @@ class Convolution(Layer):
         return f"expects (N, {self.n_in}, H, W)" if self.n_in else ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.conv is not None, "materialized before the first call"
         return ACTIVATIONS[self.activation](self.conv(self._drop(x)))
 
 
-_LAYER_TYPES: dict[str, type[Layer]] = {"Dense": Dense, "Output": Output, "Convolution": Convolution}
-
-
-# ---------------------------------------------------------------------------------------
-# losses
-
-
-@contextmanager
-def emit_logits(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every :class:`Output` layer of ``model`` returns its
-    pre-activation values, which the losses expect."""
-    outputs = [m for m in model.modules() if isinstance(m, Output)]
-    before = [m.emit_logits for m in outputs]
-    for m in outputs:
-        m.emit_logits = True
-    try:
-        yield model
-    finally:
-        for m, b in zip(outputs, before):
-            m.emit_logits = b
-
-
-def _targets_for(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Class indices become one-hot rows when the loss compares whole vectors."""
-    if target.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8) and target.dim() == values.dim() - 1:
-        return F.one_hot(target.long(), num_classes=values.shape[1]).to(values.dtype)
-    return target.to(values.dtype)
-
-
-def compute_loss(loss: str, values: torch.Tensor, target: torch.Tensor, activation: str | None = None,
-                 logits: bool = False, reduction: str = "mean") -> torch.Tensor:
-    """The loss of one batch (``reduction``: ``"mean"``, ``"sum"`` or ``"none"`` per row).
-
-    Args:
-        loss: a name in :data:`LOSSES`.
-        values: the output vertex's values; pre-activation values when ``logits``.
-        target: class indices (int) or target values (float).
-        activation: the output layer's activation (None for a plain module's output).
-        logits: whether ``values`` are pre-activation values of an :class:`Output`.
-    """
-    loss = canonical_loss(loss)
-    act = activation or "identity"
-    if loss in ("nll", "cross_entropy"):
-        if logits or act in ("identity", "linear"):
-            if loss == "nll" and not logits and act in ("identity", "linear"):
-                return F.nll_loss(values, target.long(), reduction=reduction)  # DL4J's NLL on log-probabilities
-            return F.cross_entropy(values, target.long(), reduction=reduction)
-        if act == "log_softmax":
-            return F.nll_loss(values, target.long(), reduction=reduction)
-        return F.nll_loss(torch.log(values.clamp_min(1e-12)), target.long(), reduction=reduction)
-    if loss == "bce":
-        t = _targets_for(values, target)
-        if logits or act in ("identity", "linear"):
-            out = F.binary_cross_entropy_with_logits(values, t, reduction="none")
-        else:
-            out = F.binary_cross_entropy(values.clamp(1e-7, 1 - 1e-7), t, reduction="none")
-        return _reduce(out, reduction)
-    out = ACTIVATIONS[act](values) if logits else values
-    t = _targets_for(out, target)
-    per = F.mse_loss(out, t, reduction="none") if loss == "mse" else F.l1_loss(out, t, reduction="none")
-    return _reduce(per, reduction)
-
-
-def _reduce(per_value: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Element losses -> mean over everything, sum, or a mean per row."""
-    if reduction == "mean":
-        return per_value.mean()
-    if reduction == "sum":
-        return per_value.sum()
-    return per_value.reshape(per_value.shape[0], -1).mean(1)
-
-
-def probabilities(loss: str, values: torch.Tensor, activation: str | None, logits: bool) -> torch.Tensor:
-    """Class scores in [0, 1] for reporting: softmax for the classification losses (of
-    logits or of log-probabilities), sigmoid for bce, the values themselves otherwise."""
-    loss = canonical_loss(loss)
-    act = activation or "identity"
-    if loss in ("nll", "cross_entropy"):
-        if not logits and act == "softmax":
-            return values
-        if not logits and act == "log_softmax" or (loss == "nll" and not logits and act in ("identity", "linear")):
-            return values.exp()
-        return F.softmax(values, dim=1)
-    if loss == "bce":
-        return values if (not logits and act == "sigmoid") else torch.sigmoid(values)
-    return ACTIVATIONS[act](values) if logits else values
-
-
-# ---------------------------------------------------------------------------------------
-# recipes: writing a module as data and building it back
-
-_REGISTERED: dict[str, Callable[..., nn.Module]] = {}
-_SPEC_ATTR = "_freezeray_spec"
-
-# torch.nn classes a recipe can describe, with the constructor arguments read back from
-# attributes of the same name (bias is a Parameter on the module, a bool in the constructor)
-_TORCH_ARGS: dict[type, tuple[str, ...]] = {
-    nn.Linear: ("in_features", "out_features", "bias"),
-    nn.Conv1d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias", "padding_mode"),
-    nn.Conv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias", "padding_mode"),
-    nn.BatchNorm1d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
-    nn.BatchNorm2d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
-    nn.LayerNorm: ("normalized_shape", "eps", "elementwise_affine"),
-    nn.Dropout: ("p",),
-    nn.Dropout2d: ("p",),
-    nn.ReLU: (), nn.ReLU6: (), nn.SiLU: (), nn.Tanh: (), nn.Sigmoid: (), nn.Identity: (), nn.Hardswish: (),
-    nn.Mish: (), nn.SELU: (),
-    nn.GELU: ("approximate",),
-    nn.ELU: ("alpha",),
-    nn.LeakyReLU: ("negative_slope",),
-    nn.Softmax: ("dim",),
-    nn.LogSoftmax: ("dim",),
-    nn.Flatten: ("start_dim", "end_dim"),
-    nn.AdaptiveAvgPool2d: ("output_size",),
-    nn.AdaptiveMaxPool2d: ("output_size",),
-    nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
-    nn.LazyLinear: ("out_features", "bias"),
-}
-_TORCH_BY_NAME = {f"torch.nn.{cls.__name__}": cls for cls in _TORCH_ARGS}
-
-
-def register_layer(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Register a function that builds a module from keyword arguments, so that modules
-    it builds can be written into a recipe and rebuilt by ``surgery.load``.
-
-    A name can be registered once; a duplicate is an error.
-
-    Example:
-        >>> @register_layer("my_head")
-        ... def my_head(n_out: int) -> nn.Module:
-        ...     return nn.Sequential(nn.Flatten(), nn.LazyLinear(n_out))
-        >>> builder.add_layer("head", my_head(n_out=5), "global_pool")
-    """
-    if name in _REGISTERED:
-        raise ValueError(f"a layer builder named {name!r} is already registered")
-
-    def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        def build(**kwargs: Any) -> nn.Module:
-            module = fn(**kwargs)
-            setattr(module, _SPEC_ATTR, {"type": "registered", "name": name, "kwargs": kwargs})
-            return module
-
-        build.__name__ = getattr(fn, "__name__", name)
-        build.__doc__ = fn.__doc__
-        _REGISTERED[name] = build
-        return build
-
-    return decorate
-
-
-def describe(module: nn.Module) -> dict[str, Any] | None:
-    """A JSON-able spec that :func:`build_module` turns back into an equivalent module
-    (without its weights), or None when a recipe cannot describe ``module``."""
-    from . import vertices
-
-    if isinstance(module, (Layer, vertices.GraphVertex)):
-        return module.to_dict()
-    spec = getattr(module, _SPEC_ATTR, None)
-    if spec is not None:
-        return spec
-    if type(module) is nn.Sequential:
-        children = [describe(m) for m in module]
-        return None if any(c is None for c in children) else {"type": "torch.nn.Sequential", "children": children}
-    args = _TORCH_ARGS.get(type(module))
-    if args is None:
-        return None
-    kwargs: dict[str, Any] = {}
-    for a in args:
-        value = getattr(module, a)
-        if a == "bias":
-            value = value is not None
-        elif isinstance(value, tuple):
-            value = list(value)
-        kwargs[a] = value
-    return {"type": f"torch.nn.{type(module).__name__}", "kwargs": kwargs}
-
-
-def build_module(spec: dict[str, Any]) -> nn.Module:
-    """Build a module from a :func:`describe` spec. Raises ``ValueError`` for a spec that
-    names an unknown type."""
-    from . import vertices
-
-    kind = spec.get("type")
-    if kind in _LAYER_TYPES:
-        return _LAYER_TYPES[kind](**{k: v for k, v in spec.items() if k != "type"})
-    if kind in vertices.VERTEX_TYPES:
-        return vertices.VERTEX_TYPES[kind].from_dict(spec)
-    if kind == "registered":
-        if spec["name"] not in _REGISTERED:
-            raise ValueError(
-                f"the recipe uses the layer builder {spec['name']!r}, which is not registered in this process; "
-                f"import the module that registers it first (registered: {', '.join(sorted(_REGISTERED)) or 'none'})"
-            )
-        return _REGISTERED[spec["name"]](**spec.get("kwargs", {}))
-    if kind == "torch.nn.Sequential":
-        return nn.Sequential(*[build_module(c) for c in spec["children"]])
-    if kind in _TORCH_BY_NAME:
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("kwargs", {}).items()}
-        return _TORCH_BY_NAME[kind](**kwargs)
-    raise ValueError(
-        f"unknown layer type {kind!r} in a recipe; valid types: "
-        f"{', '.join(list(_LAYER_TYPES) + list(vertices.VERTEX_TYPES) + ['registered', 'torch.nn.Sequential'] + sorted(_TORCH_BY_NAME))}"
-    )
+LAYER_TYPES: dict[str, type[Layer]] = {"Dense": Dense, "Output": Output, "Convolution": Convolution}

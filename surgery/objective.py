@@ -78,6 +78,7 @@ def objective(specs: Sequence[LossSpec], outputs: Any, targets: Any) -> torch.Te
     for spec, o, t in zip(specs, outs, tgts):
         term = L.compute_loss(spec.loss, o, t, spec.activation, logits=spec.logits)
         total = term if total is None else total + term
+    assert total is not None  # specs is not empty
     return total
 
 

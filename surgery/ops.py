@@ -177,7 +177,7 @@ def _fresh_linear_or_conv(module: nn.Module, n_in: int, n_out: int, init: Any, g
                           groups: int | None = None) -> nn.Module:
     """A copy of ``module`` (any Linear/Conv subclass, e.g. timm's Conv2dSame) with new
     widths and freshly initialised weights."""
-    new = copy.deepcopy(module)
+    new: Any = copy.deepcopy(module)
     if isinstance(new, nn.Linear):
         new.in_features, new.out_features = n_in, n_out
         shape: tuple[int, ...] = (n_out, n_in)
@@ -199,7 +199,8 @@ def _fresh_linear_or_conv(module: nn.Module, n_in: int, n_out: int, init: Any, g
 def _width_in(module: nn.Module) -> int:
     if isinstance(module, L.Layer):
         return int(module.n_in) if module.n_in is not None else -1
-    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    m: Any = module
+    return int(m.in_features if isinstance(m, nn.Linear) else m.in_channels)
 
 
 def _with_widths(module: nn.Module, n_in: int | None, n_out: int | None, init: Any, seed: int | None,
@@ -217,7 +218,8 @@ def _with_widths(module: nn.Module, n_in: int | None, n_out: int | None, init: A
         if width is not None:
             layer.materialize(width)
         return layer
-    out_w = n_out if n_out is not None else (module.out_features if isinstance(module, nn.Linear) else module.out_channels)
+    m: Any = module
+    out_w = n_out if n_out is not None else int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
     generator = L.layer_generator(seed, name) if seed is not None else None
     if n_in == -1:  # open: wait for the width shape propagation finds
         return Pending(lambda x: _fresh_linear_or_conv(module, int(x.shape[1]), out_w, init, generator),
@@ -227,12 +229,12 @@ def _with_widths(module: nn.Module, n_in: int | None, n_out: int | None, init: A
 
 def _init_seed(seed: int | None) -> int:
     # without a configured seed, draw one from torch's global RNG (in the builder's fixed op order)
-    return int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+    return int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,), device="cpu").item())
 
 
-def _channelwise_pending(module: nn.Module, name: str) -> Pending:
+def _channelwise_pending(module: Any, name: str) -> Pending:
     def build(x: torch.Tensor) -> nn.Module:
-        new = copy.deepcopy(module)
+        new: Any = copy.deepcopy(module)
         if _is_depthwise(new):
             c = int(x.shape[1])
             return _fresh_linear_or_conv(new, c, c * (module.out_channels // module.in_channels), "default", None, groups=c)
@@ -343,7 +345,7 @@ def add_module_(gm: fx.GraphModule, name: str, module: nn.Module, inputs: list[s
     if inputs:
         input_nodes = [_input_node(gm, i, table) for i in inputs]
     else:
-        input_nodes = list(hole.args)  # type: ignore[union-attr]
+        input_nodes = list(hole.args)  # type: ignore[union-attr, arg-type]
     if isinstance(module, L.Layer):
         module.init_seed, module.init_name = _init_seed(seed), name
     anchor = _output_node(gm)

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-__all__ = ["PreprocessConfig", "decode_image", "resize_crop", "preprocess_bytes", "normalize", "MAX_IMAGE_PIXELS"]
+__all__ = ["PreprocessConfig", "model_preprocessing", "decode_image", "resize_crop", "preprocess_bytes", "normalize",
+           "MAX_IMAGE_PIXELS"]
 
 # Images with more pixels are refused before their pixels are decoded (Pillow's own
 # decompression-bomb threshold): a 20,000 x 20,000 PNG is a few hundred KB on disk and
@@ -88,6 +89,22 @@ class PreprocessConfig:
         return cls(**d)
 
 
+def model_preprocessing(model: Any, override: "PreprocessConfig | dict | None" = None,
+                        image_size: int | None = None) -> PreprocessConfig:
+    """``model``'s preprocessing, replaced by ``override`` (a config, or some of its fields)
+    and/or resized to ``image_size``."""
+    from .recipe import get_info
+
+    config = get_info(model).preprocessing
+    if isinstance(override, dict):
+        config = PreprocessConfig.from_dict({**config.to_dict(), **override})
+    elif isinstance(override, PreprocessConfig):
+        config = override
+    if image_size is not None:
+        config = config.with_size(int(image_size))
+    return config
+
+
 # ---------------------------------------------------------------------------------------
 # applying it: decode -> resize -> centre crop (uint8, on CPU workers) -> normalize (on the
 # model's device). Splitting it this way keeps what travels between processes 4x smaller.
@@ -146,7 +163,7 @@ def _to_8bit(img: "Image.Image") -> "Image.Image":
     from PIL import Image
 
     if img.mode.startswith("I;16") or img.mode == "I":
-        arr = np.asarray(img).astype(np.int64)
+        arr: Any = np.asarray(img).astype(np.int64)
         top = int(arr.max(initial=0))
         if img.mode.startswith("I;16") or 255 < top <= 65535:
             arr = arr >> 8  # 16-bit range
@@ -154,8 +171,8 @@ def _to_8bit(img: "Image.Image") -> "Image.Image":
             arr = arr * 255 // top
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
     if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+        floats: Any = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(floats, nan=0.0, posinf=255.0, neginf=0.0)
         if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
             arr = arr * 255.0
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")

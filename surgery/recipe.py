@@ -8,7 +8,7 @@ and as an attribute, which pickling keeps) and is what ``surgery.save`` writes a
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch.fx as fx
 
@@ -31,7 +31,7 @@ class ModelInfo:
     name: str  # zoo name of the base model
     weights: str | None  # the base weights as asked for: None, "imagenet", or a path/URI
     base_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments given to zoo.load
-    stages: tuple[tuple[dict[str, Any], ...], ...] = ()  # builder ops, one tuple per build()
+    stages: tuple[tuple[Any, ...], ...] = ()  # builder ops (surgery.edits objects), one tuple per build()
     frozen: tuple[str, ...] = ()  # names of the frozen graph nodes
     fine_tune: "FineTuneConfiguration | None" = None  # optimizer settings for the trainable part
     losses: dict[str, str] = field(default_factory=dict)  # output vertex -> loss name
@@ -46,16 +46,24 @@ class ModelInfo:
         problems = []
         for stage in self.stages:
             for op in stage:
-                if op.get("op") in ("add_layer", "add_vertex") and op.get("layer") is None:
+                if op.op in ("add_layer", "add_vertex") and op.spec() is None:
                     problems.append(
-                        f"{op['op']}({op['name']!r}) used a {op.get('layer_class', 'module')}, which a recipe "
+                        f"{op.op}({op.name!r}) used a {op.layer_class or 'module'}, which a recipe "
                         "cannot describe; use surgery.layers.Dense/Output/Convolution, a plain torch.nn layer, "
-                        "or register a builder with surgery.layers.register_layer"
+                        "or register a builder with surgery.specs.register_layer"
                     )
         return problems
 
 
-def get_info(model: fx.GraphModule, required: bool = True) -> ModelInfo | None:
+@overload
+def get_info(model: Any, required: Literal[True] = True) -> ModelInfo: ...
+
+
+@overload
+def get_info(model: Any, required: bool) -> ModelInfo | None: ...
+
+
+def get_info(model: Any, required: bool = True) -> ModelInfo | None:
     """The :class:`ModelInfo` of ``model``; a ``TypeError`` when it has none and ``required``."""
     # copy.deepcopy keeps model.meta but not plain attributes; pickling keeps attributes but
     # not model.meta. Whichever survived is written back to the other.

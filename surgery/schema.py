@@ -12,17 +12,29 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["Schema", "SchemaError", "problems_of"]
+__all__ = ["Schema", "SchemaError", "problems_of", "join_path"]
 
 S = TypeVar("S", bound="Schema")
+
+
+def join_path(a: str, b: str) -> str:
+    """``surgery`` + ``[1].layer`` -> ``surgery[1].layer``; ``data`` + ``train`` -> ``data.train``."""
+    if not a or not b:
+        return a or b
+    return a + b if b.startswith("[") else f"{a}.{b}"
 
 
 class SchemaError(ValueError):
     """Invalid settings: every problem, each as ``path: what is wrong``."""
 
-    def __init__(self, what: str, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__(f"invalid {what}: " + "; ".join(problems))
+    def __init__(self, what: str, items: list[tuple[str, str]]) -> None:
+        self.items = items  # (path, message) pairs; the path may be empty
+        self.problems = [f"{p}: {m}" if p else m for p, m in items]
+        super().__init__(f"invalid {what}: " + "; ".join(self.problems))
+
+    def under(self, prefix: str) -> list[tuple[str, str]]:
+        """The problems with ``prefix`` in front of their paths."""
+        return [(join_path(prefix, p), m) for p, m in self.items]
 
 
 def _path(loc: tuple[Any, ...]) -> str:
@@ -33,11 +45,11 @@ def _path(loc: tuple[Any, ...]) -> str:
         elif isinstance(part, str) and (part.startswith("function-") or part in ("tagged-union", "union")):
             continue  # pydantic's own names for validator steps and union branches
         else:
-            out += f".{part}" if out else str(part)
+            out = join_path(out, str(part))
     return out
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: Any) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
         return "unknown setting"
@@ -51,19 +63,23 @@ def _message(err: dict[str, Any]) -> str:
     return msg
 
 
-def problems_of(exc: ValidationError, prefix: str = "", known: dict[str, list[str]] | None = None) -> list[str]:
-    """``path: message`` for each error of a pydantic ``ValidationError``; an unknown
-    setting also lists the valid ones when ``known`` maps its parent path to them."""
-    out = []
+def problems_of(exc: ValidationError, prefix: str = "", known: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
+    """``(path, message)`` for each error of a pydantic ``ValidationError`` (a nested
+    :class:`SchemaError` keeps its own paths under the error's); an unknown setting also
+    lists the valid ones when ``known`` maps its parent path to them."""
+    out: list[tuple[str, str]] = []
     for err in exc.errors():
-        path = _path(tuple(err["loc"]))
-        full = ".".join(p for p in (prefix, path) if p)
-        line = f"{full}: {_message(err)}" if full else _message(err)
+        path = join_path(prefix, _path(tuple(err["loc"])))
+        nested = (err.get("ctx") or {}).get("error")
+        if isinstance(nested, SchemaError):
+            out += nested.under(path)
+            continue
+        message = _message(err)
         if err["type"] == "extra_forbidden" and known is not None:
-            parent = path.rpartition(".")[0]
+            parent = _path(tuple(err["loc"][:-1]))
             if parent in known:
-                line += f"; valid settings: {', '.join(known[parent])}"
-        out.append(line)
+                message += f"; valid settings: {', '.join(known[parent])}"
+        out.append((path, message))
     return out
 
 
@@ -97,7 +113,7 @@ class Schema(BaseModel):
             SchemaError: naming every problem with its path.
         """
         if not isinstance(data, dict):
-            raise SchemaError(cls.__name__, [f"must be a mapping, got {type(data).__name__}"])
+            raise SchemaError(cls.__name__, [("", f"must be a mapping, got {type(data).__name__}")])
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

@@ -14,15 +14,14 @@ import json
 import logging
 from typing import Any
 
-import torch
 import torch.fx as fx
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import storage, zoo
 from .builder import _apply_dropout_defaults, apply_ops
-from .fingerprint import fingerprint
 from .finetune import FineTuneConfiguration
+from .fingerprint import fingerprint
 from .freeze import apply_frozen_
 from .preprocess import PreprocessConfig
 from .recipe import RECIPE_FORMAT, get_info, set_info_
@@ -49,7 +48,7 @@ def recipe_of(model: fx.GraphModule) -> dict[str, Any]:
     return {
         "format": RECIPE_FORMAT,
         "base": {"name": info.name, "weights": info.weights, "kwargs": info.base_kwargs},
-        "stages": [list(stage) for stage in info.stages],
+        "stages": [[op.to_dict() for op in stage] for stage in info.stages],
         "frozen": list(info.frozen),
         "fine_tune": info.fine_tune.to_dict() if info.fine_tune else None,
         "losses": info.losses,

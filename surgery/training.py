@@ -264,9 +264,9 @@ def run_epochs(
                 on_batch(epoch, step, result)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        loss_sum, correct, rows = reduce([loss_sum, float(correct), float(rows)])
-        metrics: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / max(rows, 1), "accuracy": correct / max(rows, 1),
-                                   "rows": int(rows), "lr": lr}
+        total_loss, total_correct, total_rows = reduce([loss_sum, float(correct), float(rows)])
+        metrics: dict[str, Any] = {"epoch": epoch, "loss": total_loss / max(total_rows, 1),
+                                   "accuracy": total_correct / max(total_rows, 1), "rows": int(total_rows), "lr": lr}
         if validation is not None:
             v_loss, v_ok, v_rows = reduce(list(map(float, score_batches(model, validation(), specs, autocast=autocast))))
             metrics.update(val_loss=v_loss / max(v_rows, 1), val_accuracy=v_ok / max(v_rows, 1), val_rows=int(v_rows))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.fx as fx
@@ -32,7 +32,7 @@ from .preprocess import PreprocessConfig
 from .recipe import ModelInfo, set_info_
 from .weights import WeightsError, load_into_, read_state_dict
 
-__all__ = ["register_model", "load", "list_models", "ZooEntry", "imagenet_classes"]
+__all__ = ["register_model", "load", "skeleton", "list_models", "unknown_model", "ZooEntry", "imagenet_classes"]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,52 @@ def load(
     return _load(name, weights, storage_options, kwargs, initialize=weights is None)
 
 
+def skeleton(name: str, **kwargs: Any) -> fx.GraphModule:
+    """The zoo model's graph on PyTorch's ``meta`` device: every vertex, module and shape,
+    no weights and no memory for them, built in about a second (VGG16 included). For
+    checking surgery before anything is loaded; it cannot run on data.
+
+    Raises:
+        ValueError: an unknown name (with the closest names).
+    """
+    entry = _entry(name)
+    with torch.device("meta"):
+        module = entry.build(**kwargs)
+        gm = trace(module, name)
+        set_info_(gm, ModelInfo(name=name, weights=None, base_kwargs=dict(kwargs), preprocessing=entry.preprocessing,
+                                losses={v: entry.losses.get(v, "cross_entropy") for v in _output_vertices(gm)}))
+        propagate_(gm, example_input(entry.preprocessing.input_size))
+    return gm
+
+
+def closest(name: str, n: int = 5) -> list[str]:
+    """The registered names most similar to ``name``, freezeray's own models first among
+    equally close ones (``vgg17`` -> ``vgg16``, ``vgg19``, ...)."""
+    _register_torchvision()
+    own = set(_REGISTRY) - _TORCHVISION_NAMES
+    scored = [(difflib.SequenceMatcher(None, str(name), m).ratio(), m) for m in _REGISTRY]
+    ranked = sorted((s for s in scored if s[0] >= 0.5), key=lambda s: (-round(s[0], 6), s[1] not in own, s[1]))
+    return [m for _, m in ranked[:n]]
+
+
+def unknown_model(name: str) -> ValueError:
+    """The error for a zoo name that is not registered, with the closest names."""
+    close = closest(name)
+    return ValueError(
+        f"unknown zoo model {name!r}. "
+        + (f"Closest: {', '.join(close)}. " if close else "")
+        + "Hint: surgery.zoo.list_models() lists every name."
+    )
+
+
+def _entry(name: str) -> ZooEntry:
+    if name not in _REGISTRY:
+        _register_torchvision()
+    if name not in _REGISTRY:
+        raise unknown_model(name)
+    return _REGISTRY[name]
+
+
 def _load(
     name: str,
     weights: str | None,
@@ -136,16 +182,7 @@ def _load(
     kwargs: dict[str, Any],
     initialize: bool,
 ) -> fx.GraphModule:
-    if name not in _REGISTRY:
-        _register_torchvision()
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=5, cutoff=0.5)
-        raise ValueError(
-            f"unknown zoo model {name!r}. "
-            + (f"Closest: {', '.join(close)}. " if close else "")
-            + "Hint: surgery.zoo.list_models() lists every name."
-        )
-    entry = _REGISTRY[name]
+    entry = _entry(name)
     # weights will overwrite every tensor: skip the random initialisation (seconds for VGG16)
     module = _build(entry, kwargs, initialize=initialize)
     if weights == "imagenet":
@@ -293,6 +330,13 @@ def efficientnet_lite0(num_classes: int = 1000) -> nn.Module:
 
 
 _TORCHVISION_DONE = False
+_TORCHVISION_NAMES: set[str] = set()
+
+
+def _torchvision_names() -> set[str]:
+    """The names registered from torchvision (the rest are freezeray's own)."""
+    _register_torchvision()
+    return set(_TORCHVISION_NAMES)
 
 
 def _register_torchvision() -> None:
@@ -321,7 +365,7 @@ def _register_torchvision_models(tvm: Any) -> None:
             pre = PreprocessConfig(
                 input_size=(3, crop, crop),
                 crop_pct=crop / resize,
-                interpolation=interp if interp in ("nearest", "bilinear", "bicubic", "lanczos") else "bilinear",
+                interpolation=cast(Any, interp if interp in ("nearest", "bilinear", "bicubic", "lanczos") else "bilinear"),
                 mean=tuple(kw.get("mean", _IMAGENET_MEAN)),
                 std=tuple(kw.get("std", _IMAGENET_STD)),
             )
@@ -337,4 +381,5 @@ def _register_torchvision_models(tvm: Any) -> None:
             load_into_(module, _fetch_torchvision(_enum.DEFAULT, _name), f"torchvision {_enum.DEFAULT}")
 
         _registrar(tv_name, pre, imagenet, None, None)(build)
+        _TORCHVISION_NAMES.add(tv_name)
 

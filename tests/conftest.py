@@ -6,7 +6,6 @@ import os
 import uuid
 
 import pytest
-
 from services import S3Server
 
 # Ray workers inherit this; keeps every process in the suite off the network and quiet.

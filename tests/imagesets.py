@@ -61,3 +61,12 @@ def bad_files() -> dict[str, bytes]:
     good = encode(draw("red_disc", np.random.default_rng(1)), "JPEG")
     return {"red_disc/truncated.jpg": good[: len(good) // 3], "red_disc/empty.jpg": b"",
             "green_square/notes.jpg": b"this is not an image\n"}
+
+
+def write_folder(root, **kw) -> dict[str, int]:
+    """:func:`write_image_folder` into a local folder ``root`` (a ``pathlib.Path``)."""
+    def put(p, b):
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        (root / p).write_bytes(b)
+
+    return write_image_folder(put, **kw)

@@ -33,3 +33,14 @@ class TinyCNN(nn.Module):
 @register_model("tiny_cnn_test", preprocessing=PreprocessConfig(input_size=(3, 16, 16), crop_pct=1.0))
 def tiny_cnn_test(num_classes: int = 10) -> nn.Module:
     return TinyCNN(num_classes)
+
+
+def tiny_head(tiny_name: str, ftc, n_out: int = 3):
+    """The tiny model frozen to ``flatten`` with a new ``n_out``-class output (seeded)."""
+    import surgery
+    from surgery import TransferLearning
+    from surgery.layers import Output
+
+    torch.manual_seed(0)
+    return (TransferLearning(surgery.zoo.load(tiny_name)).fine_tune_configuration(ftc).set_feature_extractor("flatten")
+            .remove_vertex_keep_connections("fc2").add_layer("fc2", Output(n_out, loss="cross_entropy")).build())

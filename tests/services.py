@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
-import secrets
 import subprocess
-from concurrent.futures import Future, ThreadPoolExecutor
 import sys
 import time
-import urllib.error
-import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -6,11 +6,17 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-import pipeline
-import surgery
 from imagesets import bad_files, write_image_folder
-from pipeline import FeatureMismatch, FeatureSet, Featurizer, featurize, read_images
+
+import surgery
+from pipeline import (
+    FeatureMismatch,
+    FeatureSet,
+    Featurizer,
+    Resources,
+    featurize,
+    read_images,
+)
 from surgery import TransferLearning, TransferLearningHelper
 from surgery.preprocess import normalize, preprocess_bytes
 
@@ -39,7 +45,7 @@ def test_featurize_image_folder_on_s3_equals_the_helper(ray_session, s3_server, 
     uri, labels = s3_images
     out = f"s3://{s3_bucket}/features"
     fset = featurize(lite0_pooled, uri, out, storage_options=storage_options, image_size=SIZE, dtype="float32",
-                     num_actors=2, cpus_per_actor=0.5, batch_size=16, shard_rows=40)
+                     resources=Resources(num_workers=2, cpus_per_worker=0.5), batch_size=16, shard_rows=40)
     n_inputs = len(labels) + len(bad_files())
     assert fset.rows == len(labels) and fset.errors == 3 and fset.rows + fset.errors == n_inputs
     assert fset.classes == ("blue_bar", "green_square", "red_disc") and fset.feature_shape == (1280,)
@@ -63,7 +69,7 @@ def test_featurize_image_folder_on_s3_equals_the_helper(ray_session, s3_server, 
 def test_bad_files_land_in_the_errors_table(ray_session, s3_images, s3_bucket, storage_options, lite0_pooled):
     uri, labels = s3_images
     fset = featurize(lite0_pooled, uri, f"s3://{s3_bucket}/f", storage_options=storage_options, image_size=32,
-                     cpus_per_actor=0.5, shard_rows=64)
+                     resources=Resources(cpus_per_worker=0.5), shard_rows=64)
     errors = fset.errors_table().to_pydict()
     reasons = dict(zip([p.rsplit("/train/", 1)[1] for p in errors["path"]], errors["reason"]))
     assert set(reasons) == set(bad_files())
@@ -89,18 +95,18 @@ def test_rerun_reuses_and_an_interrupted_run_resumes(ray_session, tmp_path, tiny
             raise KeyboardInterrupt("simulated crash")
 
     with pytest.raises(KeyboardInterrupt):
-        featurize(model, str(root), out, shard_rows=5, cpus_per_actor=0.5, progress=crash_after_two)
+        featurize(model, str(root), out, shard_rows=5, resources=Resources(cpus_per_worker=0.5), progress=crash_after_two)
     with pytest.raises(FileNotFoundError, match="no committed feature set"):
         FeatureSet.open(out)
     first_two = set(written)
     written.clear()
-    fset = featurize(model, str(root), out, shard_rows=5, cpus_per_actor=0.5, progress=lambda s, r, e: written.append(s))
+    fset = featurize(model, str(root), out, shard_rows=5, resources=Resources(cpus_per_worker=0.5), progress=lambda s, r, e: written.append(s))
     assert first_two.isdisjoint(written) and len(written) + len(first_two) == len(fset.shards) == 6
     ids = sorted(fset.to_dataset().to_pandas()["row_id"].tolist())
     assert ids == list(range(len(labels)))  # every row once, none twice
 
     written.clear()
-    again = featurize(model, str(root), out, shard_rows=5, cpus_per_actor=0.5, progress=lambda s, r, e: written.append(s))
+    again = featurize(model, str(root), out, shard_rows=5, resources=Resources(cpus_per_worker=0.5), progress=lambda s, r, e: written.append(s))
     assert written == [] and again.fingerprint == fset.fingerprint
 
     other = TransferLearning(surgery.zoo.load(tiny_name)).set_feature_extractor("flatten").build()  # new random weights
@@ -117,7 +123,7 @@ def test_float16_shards_are_half_the_size_and_pandas_reads_them(ray_session, tmp
                        per_class=20, size=32, odd_modes=False)
     sizes = {}
     for dtype in ("float16", "float32"):
-        fset = featurize(lite0_pooled, str(root), str(tmp_path / dtype), image_size=32, dtype=dtype, cpus_per_actor=0.5)
+        fset = featurize(lite0_pooled, str(root), str(tmp_path / dtype), image_size=32, dtype=dtype, resources=Resources(cpus_per_worker=0.5))
         sizes[dtype] = sum(s["bytes"] for s in fset.shards)
         df = pd.read_parquet(fset.shard_uris()[0])
         assert list(df.columns) == ["row_id", "path", "label", "features"] and df["features"].iloc[0].shape == (1280,)
@@ -164,10 +170,12 @@ def test_read_images_from_a_manifest_and_memory_filesystem(tmp_path):
 def test_actor_plan_defaults_to_one_actor_per_node_using_its_cores(ray_session):
     from pipeline.runtime import plan_actors
 
-    plan = plan_actors(None, None, None, None)  # the session: one node, 2 CPUs, no GPU
+    plan = plan_actors()  # the session: one node, 2 CPUs, no GPU
     assert (plan.actors, plan.gpus, plan.cpus, plan.threads) == (1, 0.0, 1.0, 2)
-    two = plan_actors(2, None, None, None)
+    two = plan_actors(Resources(num_workers=2))
     assert (two.actors, two.threads) == (2, 1) and two.cpus * 2 <= 1.0
-    for bad in (0, -1, True, 1.5):
-        with pytest.raises(ValueError, match="num_actors must be a positive integer"):
-            plan_actors(bad, None, None, None)
+    with pytest.raises(ValueError, match="num_workers must be a positive integer for model actors, got 0"):
+        plan_actors(Resources(num_workers=0))
+    for bad in (-1, 1.5, "two"):
+        with pytest.raises(ValueError, match="num_workers"):
+            Resources(num_workers=bad)

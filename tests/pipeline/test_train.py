@@ -5,51 +5,28 @@ in tests/reliability/test_train_faults.py; the digits quality check in
 test_transfer_digits.py."""
 
 import os
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from imagesets import bad_files, write_folder
 
 import surgery
-from imagesets import bad_files, write_image_folder
-from pipeline import FeatureMismatch, evaluate, featurize, finetune, fit_head, predict, read_images
-from pipeline.train import choose_workers, default_batch_size
+from pipeline import (
+    FeatureMismatch,
+    evaluate,
+    featurize,
+    finetune,
+    fit_head,
+    predict,
+    read_images,
+)
+from pipeline.head import choose_workers, default_batch_size
 from surgery import FineTuneConfiguration, TransferLearning
 from surgery.layers import Dense, Output, emit_logits
 from surgery.preprocess import normalize, preprocess_bytes
 from surgery.training import DEFAULT_PATIENCE
-
-
-def _write_folder(root, **kw):
-    def put(p, b):
-        (root / p).parent.mkdir(parents=True, exist_ok=True)
-        (root / p).write_bytes(b)
-
-    return write_image_folder(put, **kw)
-
-
-def _tiny_head(tiny_name, ftc, n_out=3):
-    torch.manual_seed(0)
-    return (TransferLearning(surgery.zoo.load(tiny_name)).fine_tune_configuration(ftc).set_feature_extractor("flatten")
-            .remove_vertex_keep_connections("fc2").add_layer("fc2", Output(n_out, loss="cross_entropy")).build())
-
-
-@pytest.fixture(scope="module")
-def tiny(ray_session, tmp_path_factory, tiny_name):
-    """Tiny-model features of generated images: train, validation, and the validation
-    images with their class folders rotated (labels that training makes ever more wrong)."""
-    root = tmp_path_factory.mktemp("tiny")
-    _write_folder(root / "train", per_class=20, size=20, seed=1, odd_modes=False)
-    _write_folder(root / "val", per_class=8, size=20, seed=2, odd_modes=False)
-    classes = sorted(os.listdir(root / "val"))
-    for old, new in zip(classes, classes[1:] + classes[:1]):
-        shutil.copytree(root / "val" / old, root / "rotated" / new)
-    model = _tiny_head(tiny_name, FineTuneConfiguration(updater="adam", lr=0.05, seed=4))
-    feats = {split: featurize(model, str(root / split), str(root / f"f-{split}"), dtype="float32")
-             for split in ("train", "val", "rotated")}
-    return {"root": root, "model": model, **feats}
 
 
 def test_local_mode_and_two_workers_take_the_same_steps(tiny, tmp_path):
@@ -118,8 +95,8 @@ def test_automatic_mode_and_batch_size(tiny, monkeypatch):
 def shapes(tmp_path_factory, ray_session, lite0_imagenet):
     """Generated colour/shape classes (train, val) and their lite0 features at 64 px."""
     root = tmp_path_factory.mktemp("shapes")
-    _write_folder(root / "train", per_class=40, size=40, seed=1, odd_modes=False)
-    _write_folder(root / "val", per_class=15, size=40, seed=2, odd_modes=False)
+    write_folder(root / "train", per_class=40, size=40, seed=1, odd_modes=False)
+    write_folder(root / "val", per_class=15, size=40, seed=2, odd_modes=False)
     for p, b in bad_files().items():
         if p != "green_square/notes.jpg":
             (root / "val" / p).write_bytes(b)
@@ -185,7 +162,7 @@ def test_bad_input_is_refused_before_any_work(shapes, tmp_path, tiny_name, lite0
 
 def test_head_weights_equal_end_to_end_training(ray_session, tmp_path, tiny_name):
     root = tmp_path / "imgs"
-    _write_folder(root, per_class=8, size=20, odd_modes=False)
+    write_folder(root, per_class=8, size=20, odd_modes=False)
     ftc = FineTuneConfiguration(updater="nesterov", lr=0.05, momentum=0.9, weight_decay=1e-3, l2=1e-3, seed=3)
     model = (TransferLearning(surgery.zoo.load(tiny_name)).fine_tune_configuration(ftc).set_feature_extractor("flatten")
              .remove_vertex_and_connections("fc1").add_layer("hidden", Dense(12, activation="tanh"), "flatten")
@@ -222,8 +199,8 @@ def _saved(model, tmp_path):
 
 def test_finetune_from_images_in_local_mode_keeps_frozen_layers_frozen(ray_session, tmp_path, tiny_name):
     root = tmp_path / "imgs"
-    _write_folder(root / "train", per_class=20, size=20, odd_modes=False)
-    _write_folder(root / "val", per_class=6, size=20, seed=5, odd_modes=False)
+    write_folder(root / "train", per_class=20, size=20, odd_modes=False)
+    write_folder(root / "val", per_class=6, size=20, seed=5, odd_modes=False)
     ftc = FineTuneConfiguration(updater="adam", lr=1e-2, seed=0)
     model = (TransferLearning(surgery.zoo.load(tiny_name)).fine_tune_configuration(ftc).set_feature_extractor("bn1")
              .remove_vertex_keep_connections("fc2").add_layer("fc2", Output(3, loss="cross_entropy")).build())

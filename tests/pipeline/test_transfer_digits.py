@@ -5,7 +5,6 @@ cross-validation) on the same features."""
 
 import pytest
 
-import surgery
 from jobs.demo import write_digits
 from pipeline import evaluate, featurize, fit_head
 from surgery import TransferLearning

@@ -7,9 +7,8 @@ import struct
 import zlib
 
 import numpy as np
-from PIL import Image
-
 from imagesets import draw, encode
+from PIL import Image
 
 
 def _png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes) -> bytes:

@@ -8,18 +8,17 @@ import os
 import subprocess
 import sys
 
+import badfiles
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-import surgery
 from imagesets import draw, encode, write_image_folder
 from ledger import account, direct_features
-from pipeline import featurize, read_images
-from surgery import TransferLearning
 
-import badfiles
+import surgery
+from pipeline import Resources, featurize, read_images
+from surgery import TransferLearning
 
 NON_UTF8 = b"red_disc/caf\xe9.jpg"  # Latin-1 bytes: not UTF-8
 
@@ -62,7 +61,7 @@ def test_every_bad_file_is_one_error_row_and_every_good_file_is_featurized_once(
     n = len(good) + len(bad)
 
     fset = featurize(tiny_frozen, str(root), str(tmp_path / "features"), dtype="float32", shard_rows=16,
-                     cpus_per_actor=0.5)
+                     resources=Resources(cpus_per_worker=0.5))
 
     assert (fset.rows, fset.errors) == (len(good), len(bad))
     errors = fset.errors_table().to_pydict()
@@ -101,7 +100,7 @@ def test_odd_names_and_unreadable_manifest_paths_on_s3(ray_session, s3_server, s
     fs.pipe(f"{s3_bucket}/set/m.csv", pd.DataFrame({"path": rows, "label": ["red_disc"] * len(rows)}).to_csv(index=False).encode())
     src = read_images(f"s3://{s3_bucket}/set/m.csv", storage_options)
     fset = featurize(tiny_frozen, src, f"s3://{s3_bucket}/features", storage_options=storage_options,
-                     dtype="float32", cpus_per_actor=0.5)
+                     dtype="float32", resources=Resources(cpus_per_worker=0.5))
     assert (fset.rows, fset.errors) == (len(good), len(missing))
     reasons = dict(zip(fset.errors_table().column("path").to_pylist(), fset.errors_table().column("reason").to_pylist()))
     assert all(reasons[f"s3://{s3_bucket}/set/{m}"].startswith("cannot read: FileNotFoundError") for m in missing)

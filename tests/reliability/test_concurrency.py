@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-
-import surgery
 from imagesets import write_image_folder
 from ledger import account, direct_features
-from pipeline import FeatureSet, featurize
+
+import surgery
+from pipeline import FeatureSet, Resources, featurize
 from pipeline.lease import LEASE, LeaseHeld, LeaseLost, OutputLease
 from surgery import TransferLearning, storage
 
@@ -43,7 +43,7 @@ def test_two_featurizations_racing_for_one_output_commit_once(ray_session, s3_se
         start.wait()
         try:
             return featurize(model, f"s3://{s3_bucket}/set", out, storage_options=storage_options, dtype=dtype,
-                             shard_rows=15, cpus_per_actor=0.5)
+                             shard_rows=15, resources=Resources(cpus_per_worker=0.5))
         except Exception as exc:
             return exc
 

@@ -20,12 +20,12 @@ import numpy as np
 import psutil
 import pytest
 import torch
-
-import surgery
 from imagesets import write_image_folder
 from ledger import account, direct_features
-from pipeline import FeatureSet, featurize
 from services import S3Server
+
+import surgery
+from pipeline import FeatureSet, Resources, featurize
 from surgery import TransferLearning, storage
 
 pytestmark = pytest.mark.slow  # processes killed, servers stopped: minutes, still run by make test
@@ -104,7 +104,7 @@ def test_a_model_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, 
     watcher.start()
     try:
         fset = featurize(model, source, out, storage_options=s3.storage_options, dtype="float32", shard_rows=12,
-                         batch_size=8, decode_batch_size=8, cpus_per_actor=0.5, progress=kill_after_first_shard)
+                         batch_size=8, decode_batch_size=8, resources=Resources(cpus_per_worker=0.5), progress=kill_after_first_shard)
     finally:
         stop.set()
         watcher.join()
@@ -125,7 +125,7 @@ cfg = json.loads(os.environ["FREEZERAY_TEST_JOB"])
 ray.init(address=cfg["address"], log_to_driver=False)
 model = surgery.load(cfg["model"])
 pipeline.featurize(model, cfg["source"], cfg["output"], storage_options=cfg["storage_options"], dtype="float32",
-                   shard_rows=12, cpus_per_actor=0.5, progress=lambda s, r, e: time.sleep(0.5))
+                   shard_rows=12, resources=pipeline.Resources(cpus_per_worker=0.5), progress=lambda s, r, e: time.sleep(0.5))
 print("FINISHED")
 """
 
@@ -161,7 +161,7 @@ def test_a_driver_killed_mid_run_is_resumed_from_its_committed_shards(ray_sessio
 
     written = []
     fset = featurize(surgery.load(str(tmp_path / "model")), source, out, storage_options=s3.storage_options,
-                     dtype="float32", shard_rows=12, cpus_per_actor=0.5, progress=lambda s, r, e: written.append(s))
+                     dtype="float32", shard_rows=12, resources=Resources(cpus_per_worker=0.5), progress=lambda s, r, e: written.append(s))
     assert {f"part-{s:05d}.parquet" for s in written}.isdisjoint(before)
     assert len(written) + len(before) == len(fset.shards) == 20
     assert not fs.exists("fault-images/killed-driver/_lock.json")  # the dead driver's lease was taken over, then released
@@ -183,7 +183,7 @@ def test_s3_stopped_and_restarted_mid_write_is_retried_to_success(ray_session, s
 
     with caplog.at_level("WARNING", logger="surgery.storage"):
         fset = featurize(model, source, out, storage_options=s3.storage_options, dtype="float32", shard_rows=12,
-                         cpus_per_actor=0.5, progress=outage_after_first_shard)
+                         resources=Resources(cpus_per_worker=0.5), progress=outage_after_first_shard)
     down = outages[0].result(timeout=120)
     retried = [r for r in caplog.records if "retrying" in r.getMessage()]
     assert retried, "no write hit the outage"
@@ -215,14 +215,14 @@ def test_s3_that_stays_down_fails_clearly_and_commits_nothing(ray_session, s3, m
     started = time.monotonic()
     with pytest.raises(storage.StorageUnavailable, match=r"storage unavailable while trying to .* tries over"):
         featurize(model, str(root), out, storage_options=s3.storage_options, dtype="float32", shard_rows=6,
-                  cpus_per_actor=0.5, progress=down_after_first_shard)
+                  resources=Resources(cpus_per_worker=0.5), progress=down_after_first_shard)
     failed_after = time.monotonic() - started
     s3.restart()
     with pytest.raises(FileNotFoundError, match="no committed feature set"):
         FeatureSet.open(out, s3.storage_options)
     written = []
     fset = featurize(model, str(root), out, storage_options=s3.storage_options, dtype="float32", shard_rows=6,
-                     cpus_per_actor=0.5, progress=lambda s, r, e: written.append(s))
+                     resources=Resources(cpus_per_worker=0.5), progress=lambda s, r, e: written.append(s))
     assert first[0] not in written and len(written) == len(fset.shards) - 1 == 9
     checked, lost = _check_complete(fset, files, model)
     ledger(tried="the S3 server stopped for good after 1 of 10 shards (retry window 3 s)", faults=1,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from imagesets import write_image_folder
+
 from jobs.cli import main
 from pipeline import featurize, read_images
 from surgery import storage
@@ -46,8 +46,8 @@ def test_keys_never_appear_in_anything_a_run_writes_or_says(ray_session, s3_serv
                  "storage_options": {"key": "${FRZ_TEST_KEY}", "secret": "${FRZ_TEST_SECRET}",
                                      "client_kwargs": {"endpoint_url": s3_server.endpoint_url,
                                                        "region_name": "us-east-1"}}},
-        "featurize": {"output": f"s3://{s3_bucket}/features", "cpus_per_actor": 0.5},
-        "training": {"mode": "head", "num_workers": 1, "epochs": 2, "batch_size": 16, "run_name": "r",
+        "featurize": {"output": f"s3://{s3_bucket}/features", "resources": {"cpus_per_worker": 0.5}},
+        "training": {"mode": "head", "epochs": 2, "batch_size": 16, "run_name": "r",  # local mode, checkpoints on S3
                      "storage": f"s3://{s3_bucket}/runs"},
         "outputs": {"model": f"s3://{s3_bucket}/model", "report": str(tmp_path / "report")},
     }

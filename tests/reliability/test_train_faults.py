@@ -12,14 +12,21 @@ import sys
 import pytest
 import ray.cloudpickle as cloudpickle
 import torch
+from imagesets import write_image_folder
 
 import surgery
-from imagesets import write_image_folder
-from pipeline import featurize, fit_head
-from pipeline.checkpoints import CheckpointError, RunFolder, checkpoint_files, read_folder, resume_from_ray, write_folder
-from surgery.training import TrainState
+from pipeline import Resources, featurize, fit_head
+from pipeline.checkpoints import (
+    CheckpointError,
+    RunFolder,
+    checkpoint_files,
+    read_folder,
+    resume_from_ray,
+    write_folder,
+)
 from surgery import FineTuneConfiguration, TransferLearning
 from surgery.layers import Output
+from surgery.training import TrainState
 
 pytestmark = pytest.mark.slow  # processes killed, servers stopped: minutes, still run by make test
 
@@ -62,7 +69,7 @@ def head_job(ray_session, tmp_path_factory, tiny_name):
              .fine_tune_configuration(FineTuneConfiguration(updater="adam", lr=1e-2, seed=3))
              .set_feature_extractor("flatten").remove_vertex_keep_connections("fc2")
              .add_layer("fc2", Output(3, loss="cross_entropy")).build())
-    features = featurize(model, str(root / "imgs"), str(root / "features"), dtype="float32", cpus_per_actor=0.5)
+    features = featurize(model, str(root / "imgs"), str(root / "features"), dtype="float32", resources=Resources(cpus_per_worker=0.5))
     return model, features
 
 

@@ -1,7 +1,6 @@
 """TransferLearning: DL4J's three VGG16 scenarios, width propagation, vertices, order
 independence, and clear errors that leave the input model unchanged."""
 
-import copy
 
 import pytest
 import torch
@@ -171,7 +170,7 @@ def test_add_vertex_merge_elementwise_and_subset(tiny_name):
     x = torch.randn(2, 3, 16, 16)
     out = model(x)
     assert out.shape == (2, 3) and model.head.n_in == 13
-    left, right = model.left(model.flatten(model.pool(torch.relu(model.bn2(model.conv2(
+    left, _ = model.left(model.flatten(model.pool(torch.relu(model.bn2(model.conv2(
         model.drop1(torch.relu(model.bn1(model.conv1(x)))))))))), None
     assert left.shape == (2, 8)
     assert "head_merge" in surgery.vertex_names(model)
@@ -205,7 +204,7 @@ def test_unknown_vertex_lists_close_names(vgg16_random):
 
 
 def test_bad_layer_settings_are_refused_when_made():
-    with pytest.raises(ValueError, match=r"unknown loss 'hinge'; valid losss: nll, cross_entropy"):
+    with pytest.raises(ValueError, match=r"unknown loss 'hinge'; valid losses: nll, cross_entropy"):
         Output(3, loss="hinge")
     with pytest.raises(ValueError, match="loss 'bce' does not fit activation 'softmax'"):
         Output(3, loss="bce", activation="softmax")

@@ -8,7 +8,8 @@ from torch import nn
 
 import surgery
 from surgery import FineTuneConfiguration, TransferLearning
-from surgery.layers import Dense, Output, register_layer
+from surgery.layers import Output
+from surgery.specs import register_layer
 
 
 @register_layer("test_head")

@@ -1,14 +1,19 @@
 """The Ray-free training loop: early stopping, best weights, exact epochs, resume from a
 checkpoint, and the one optimizer step every trainer shares. Milliseconds, no Ray."""
 
-import torch
 import pytest
+import torch
 
 import surgery
 from pipeline.checkpoints import checkpoint_files, read_checkpoint
-from surgery import FineTuneConfiguration, TransferLearning, TransferLearningHelper, training
-from surgery.layers import Dense, Output
-from surgery.training import Stopping, TrainState, run_epochs, tensor_batches
+from surgery import (
+    FineTuneConfiguration,
+    TransferLearning,
+    TransferLearningHelper,
+    training,
+)
+from surgery.layers import Output
+from surgery.training import Stopping, run_epochs, tensor_batches
 
 
 def _head(tiny_name, ftc):
