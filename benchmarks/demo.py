@@ -24,8 +24,9 @@ from .common import RESULTS, save_json, table
 
 def _demo(workdir: Path) -> dict[str, Any]:
     t = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray, as a new user gets
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--workdir", str(workdir)], capture_output=True,
-                          text=True, env={**os.environ, "RAY_ADDRESS": ""})
+                          text=True, env=env)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"the demo failed: {proc.stderr[-2000:]}")

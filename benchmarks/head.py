@@ -25,17 +25,11 @@ from .common import RESULTS, frozen_lite0, save_json, start_ray, table
 
 def synthetic_features(model: Any, out: str, rows: int, classes: int = 4, rows_per_shard: int = 8192, seed: int = 0) -> Any:
     """A committed feature set of ``rows`` random features (separable by class) that
-    ``fit_head`` accepts for ``model``: the same writer and manifest as featurize."""
+    ``fit_head`` accepts for ``model``: the same parts and manifest as featurize."""
     import surgery
-    from pipeline.features import FEATURES_FORMAT, FeatureSet
-    from pipeline.shards import (
-        ERRORS,
-        MANIFEST,
-        shard_path,
-        to_arrow_columns,
-        write_json,
-        write_table,
-    )
+    from pipeline.features import FeatureSet
+    from pipeline.manifest import FeaturesManifest, Part, Shard, SourceInfo
+    from pipeline.shards import ERRORS, MANIFEST, part_path, to_arrow_columns, write_json, write_table
     from surgery import storage
 
     parts = surgery.split(model)
@@ -50,16 +44,17 @@ def synthetic_features(model: Any, out: str, rows: int, classes: int = 4, rows_p
         ids = np.arange(i * rows_per_shard, i * rows_per_shard + n, dtype=np.int64)
         table_ = pa.table(to_arrow_columns({"row_id": ids, "path": np.asarray([f"synthetic/{j}" for j in ids], dtype=object),
                                             "label": labels, "features": feats}))
-        size = write_table(storage.join(out, shard_path(i)), table_, None)
-        shards.append({"path": shard_path(i), "rows": n, "bytes": size})
+        path = part_path(i, "synthetic")
+        size = write_table(storage.join(out, path), table_, None)
+        shards.append(Shard(shard=i, rows=n, errors=0, bytes=size, parts=[Part(path=path, rows=n, bytes=size)]))
     write_table(storage.join(out, ERRORS), pa.table({"row_id": pa.array([], pa.int64()), "path": pa.array([], pa.string()),
                                                      "reason": pa.array([], pa.string())}), None)
-    manifest = {"format": FEATURES_FORMAT, "fingerprint": "synthetic", "model_fingerprint": surgery.frozen_fingerprint(model),
-                "model": "efficientnet_lite0", "boundary": list(parts.boundary), "feature_columns": ["features"],
-                "feature_shapes": [[width]], "dtype": "float16", "preprocessing": surgery.get_info(model).preprocessing.to_dict(),
-                "classes": [f"class{c}" for c in range(classes)], "source": {"uri": "synthetic", "rows": rows},
-                "rows": rows, "errors": 0, "errors_file": ERRORS, "shards": shards}
-    write_json(storage.join(out, MANIFEST), manifest, None)
+    manifest = FeaturesManifest(
+        fingerprint="synthetic", model_fingerprint=surgery.frozen_fingerprint(model), model="efficientnet_lite0",
+        boundary=list(parts.boundary), feature_columns=["features"], feature_shapes=[[width]], dtype="float16",
+        preprocessing=surgery.get_info(model).preprocessing.to_dict(), classes=[f"class{c}" for c in range(classes)],
+        source=SourceInfo(uri="synthetic", rows=rows), rows=rows, errors=0, shards=shards)
+    write_json(storage.join(out, MANIFEST), manifest.to_dict(), None)
     return FeatureSet.open(out)
 
 

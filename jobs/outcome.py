@@ -29,7 +29,7 @@ class RunOutcome:
 
 
 def _how(fset: Any) -> str:
-    return "reused the cached features" if fset.reused else f"computed, {fset.manifest.get('images_per_s')} images/s"
+    return "reused the cached features" if fset.reused else f"computed, {fset.manifest.images_per_s} images/s"
 
 
 def outcome_lines(outcome: RunOutcome, total_s: float) -> list[str]:

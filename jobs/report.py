@@ -124,8 +124,8 @@ def write_report(uri: str, outcome: RunOutcome, storage_options: dict | None = N
     for split, fset in outcome.features.items():
         throughput[f"featurize_{split}"] = {
             "rows": fset.rows, "errors": fset.errors, "reused": fset.reused,
-            "images_per_s": None if fset.reused else fset.manifest.get("images_per_s"),
-            "seconds": fset.manifest.get("seconds"),
+            "images_per_s": None if fset.reused else fset.manifest.images_per_s,
+            "seconds": fset.manifest.seconds,
         }
     if outcome.fit is not None:
         metrics["history"] = outcome.fit.history

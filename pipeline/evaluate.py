@@ -28,6 +28,7 @@ from .features import FeatureSet
 from .resources import Resources
 from .shards import (
     MANIFEST,
+    PartWriter,
 )
 from .sources import ImageSource, decode_dataset, read_images, readable
 
@@ -43,7 +44,8 @@ class Scorer:
 
     def __init__(self, model: Any, inputs: Literal["pixels", "features"], loss: dict[str, Any],
                  preprocessing: dict[str, Any] | None = None, feature_columns: Sequence[str] = (),
-                 device: str = "auto", autocast: bool = True, threads: int | None = None) -> None:
+                 device: str = "auto", autocast: bool = True, threads: int | None = None,
+                 writer: dict[str, Any] | None = None) -> None:
         if isinstance(model, list):
             import ray
 
@@ -53,11 +55,15 @@ class Scorer:
         use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.model = model.to(self.device).eval()
+        convolutional = any(isinstance(m, torch.nn.Conv2d) for m in self.model.modules())
+        self.memory_format = torch.channels_last if convolutional and inputs == "pixels" else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
         self.inputs = inputs
         self.spec = LossSpec.from_dict(loss)
         self.config = PreprocessConfig.from_dict(preprocessing) if preprocessing else None
         self.columns = tuple(feature_columns)
         self.autocast = autocast and self.device.type == "cuda"
+        self.writer = PartWriter.from_dict(writer) if writer is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["row_id"])
@@ -68,7 +74,8 @@ class Scorer:
         losses = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
             if self.inputs == "pixels":
-                x = (normalize(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device), self.config),)
+                pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device)
+                x = (normalize(pixels, self.config).contiguous(memory_format=self.memory_format),)
             else:
                 x = tuple(torch.from_numpy(np.asarray(batch[c][ok])).to(self.device, torch.float32) for c in self.columns)
             amp = torch.autocast("cuda", dtype=torch.float16) if self.autocast else contextlib.nullcontext()
@@ -87,7 +94,7 @@ class Scorer:
             probs[ok] = p.cpu().numpy()
         result = {k: batch[k] for k in ("row_id", "path", "label", "shard") if k in batch}
         result.update(error=errors, probabilities=probs, predicted=probs.argmax(1).astype(np.int32), loss=losses)
-        return result
+        return self.writer(result) if self.writer is not None else result
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,8 +164,10 @@ def _is_feature_set(data: Any, storage_options: dict | None) -> bool:
 
 
 def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batch_size: int, resources: Resources | None,
-            image_size: int | None, classes: Sequence[str] | None) -> tuple[Any, tuple[str, ...], str]:
-    """A Ray Dataset of scored rows for ``data``, its classes, and what it is."""
+            image_size: int | None, classes: Sequence[str] | None,
+            writer: dict[str, Any] | None = None) -> tuple[Any, tuple[str, ...], str]:
+    """A Ray Dataset of scored rows for ``data`` (or, with ``writer``, of the summaries of
+    rows written where they were scored), its classes, and what it is."""
     import ray
     import ray.data
 
@@ -192,6 +201,7 @@ def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batc
         memory = actor_memory(model, config, batch_size)
         names, what = src.classes, f"images {src.uri}"
     kwargs["threads"] = pool.threads
+    kwargs["writer"] = writer
     ds = ds.map_batches(Scorer, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=kwargs,
                         compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
                         memory=memory)

@@ -11,12 +11,10 @@ import torch
 
 from surgery import storage
 
-from .shards import ERRORS, MANIFEST, read_json, read_table
+from .manifest import FEATURES_FORMAT, FeaturesManifest, Shard
+from .shards import MANIFEST, read_json, read_table
 
 __all__ = ["FeatureSet", "FEATURES_FORMAT", "FeatureMismatch", "split_rows"]
-
-FEATURES_FORMAT = "freezeray.features/1"
-
 
 class FeatureMismatch(ValueError):
     """Features made by a different frozen graph than the model they are used with."""
@@ -34,7 +32,7 @@ class FeatureSet:
     """
 
     uri: str
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: FeaturesManifest = field(repr=False)
     storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     reused: bool = field(default=False, compare=False)  # featurize found it committed and computed nothing
 
@@ -42,33 +40,33 @@ class FeatureSet:
     def open(cls, uri: str, storage_options: dict[str, Any] | None = None) -> "FeatureSet":
         """Open a committed output. Raises ``FileNotFoundError`` when ``uri`` has no manifest
         (nothing there, or a run that has not committed)."""
-        manifest = read_json(storage.join(uri, MANIFEST), storage_options)
-        if manifest is None:
+        data = read_json(storage.join(uri, MANIFEST), storage_options)
+        if data is None:
             raise FileNotFoundError(f"no committed feature set at {uri!r} (no {MANIFEST}); run pipeline.featurize first")
-        if manifest.get("format") != FEATURES_FORMAT:
-            raise ValueError(f"{uri!r}: unknown feature-set format {manifest.get('format')!r}")
-        return cls(uri, manifest, storage_options)
+        if data.get("format") not in ("freezeray.features/1", FEATURES_FORMAT):
+            raise ValueError(f"{uri!r}: unknown feature-set format {data.get('format')!r}")
+        return cls(uri, FeaturesManifest.parse(data), storage_options)
 
     # -- what the manifest says ---------------------------------------------------------
     @property
     def rows(self) -> int:
-        return int(self.manifest["rows"])
+        return self.manifest.rows
 
     @property
     def errors(self) -> int:
-        return int(self.manifest["errors"])
+        return self.manifest.errors
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(self.manifest["classes"])
+        return tuple(self.manifest.classes)
 
     @property
     def feature_columns(self) -> tuple[str, ...]:
-        return tuple(self.manifest["feature_columns"])
+        return tuple(self.manifest.feature_columns)
 
     @property
     def feature_shapes(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(tuple(s) for s in self.manifest["feature_shapes"])
+        return tuple(tuple(s) for s in self.manifest.feature_shapes)
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -77,33 +75,35 @@ class FeatureSet:
 
     @property
     def dtype(self) -> str:
-        return str(self.manifest["dtype"])
+        return self.manifest.dtype
 
     @property
     def fingerprint(self) -> str:
-        return str(self.manifest["fingerprint"])
+        return self.manifest.fingerprint
 
     @property
     def model_fingerprint(self) -> str:
-        return str(self.manifest["model_fingerprint"])
+        return self.manifest.model_fingerprint
 
     @property
     def boundary(self) -> tuple[str, ...]:
-        return tuple(self.manifest["boundary"])
+        return tuple(self.manifest.boundary)
 
     @property
-    def shards(self) -> list[dict[str, Any]]:
-        return list(self.manifest["shards"])
+    def shards(self) -> list[Shard]:
+        """The planned shards, each with the parts that hold its rows."""
+        return list(self.manifest.shards)
 
     def shard_uris(self) -> list[str]:
-        return [storage.join(self.uri, s["path"]) for s in self.shards]
+        """Every Parquet part, in shard order."""
+        return [storage.join(self.uri, p) for p in self.manifest.part_paths()]
 
     def errors_table(self) -> pa.Table:
         """(row_id, path, reason) for every input that could not be featurized."""
-        return read_table(storage.join(self.uri, self.manifest.get("errors_file", ERRORS)), self.storage_options)
+        return read_table(storage.join(self.uri, self.manifest.errors_file), self.storage_options)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.manifest)
+        return self.manifest.to_dict()
 
     # -- checks -------------------------------------------------------------------------
     def check(self, model: Any) -> None:

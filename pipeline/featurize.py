@@ -1,17 +1,19 @@
 """``pipeline.featurize``: the frozen part of a model mapped over a whole image set with
-Ray Data, written as committed Parquet shards (see :mod:`pipeline.shards`).
+Ray Data, written as committed Parquet shards where it is computed.
 
-The job is two Ray Data stages and a writer:
+The job is two Ray Data stages and a commit:
 
-1. CPU tasks read and decode images and resize/crop them to uint8 pixels
-   (:func:`pipeline.sources.read_and_decode`); a bad file becomes an error row;
-2. a pool of model actors (:class:`Featurizer`), GPU actors when asked for or when the
-   cluster has GPUs, normalizes the pixels and runs the frozen sub-graph under
-   ``torch.inference_mode`` (with fp16 autocast on GPU);
-3. the driver streams the features and writes each planned shard whole as soon as its
-   last row arrives, then commits a manifest.
-
-Decoding never runs on the model actors, so a GPU never waits on JPEG decoding.
+1. CPU tasks read the files and, with ``decode="cpu"``, decode and resize/crop them to
+   uint8 pixels (:func:`pipeline.sources.read_and_decode`); with ``decode="gpu"`` they only
+   read the bytes, which the model actors decode on their device (:mod:`pipeline.decode`).
+   A bad file becomes an error row either way;
+2. a pool of model actors (:class:`Featurizer`; GPU actors when asked for or when the
+   cluster has GPUs) runs the frozen sub-graph under ``torch.inference_mode`` (fp16
+   autocast on GPU, ``channels_last`` for convolutional graphs on CPU and GPU) and writes
+   each batch's rows where it runs, as slices of the planned shards
+   (:class:`pipeline.shards.PartWriter`), returning a few numbers per row;
+3. the driver plans the shards, holds the output's lease, follows which shards are
+   complete, and commits a manifest. No feature byte passes through it.
 """
 
 from __future__ import annotations
@@ -35,56 +37,76 @@ import surgery
 from surgery import storage
 from surgery.freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes
 from surgery.helper import split
-from surgery.preprocess import (
-    MAX_IMAGE_PIXELS,
-    PreprocessConfig,
-    model_preprocessing,
-    normalize,
-)
+from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, model_preprocessing, normalize
 
-from .features import FEATURES_FORMAT, FeatureSet
+from .features import FeatureSet
 from .lease import OutputLease
+from .manifest import FEATURES_FORMAT, FeaturesManifest, ShardPlan, SourceInfo
 from .resources import Resources
 from .shards import (
     ATTEMPT,
     ERRORS,
     MANIFEST,
-    ShardPlan,
-    ShardWriter,
+    PartWriter,
+    Slices,
+    assemble,
     clear,
-    completed_shards,
+    delete_slices,
+    existing_slices,
     gather_errors,
     read_json,
-    shard_path,
+    unlisted,
     write_json,
     write_table,
 )
-from .sources import ImageSource, decode_dataset, read_images, readable
+from .sources import ImageSource, bytes_dataset, decode_dataset, read_images, readable
 
-__all__ = ["featurize", "Featurizer", "feature_model"]
+__all__ = ["featurize", "Featurizer", "feature_model", "Decode", "default_batch_size", "Progress"]
 
 log = logging.getLogger(__name__)
 
 FeatureDtype = Literal["float16", "float32"]
+Decode = Literal["auto", "cpu", "gpu"]
+Progress = Callable[[int, int, int], None]  # (shard, rows, errors), on the driver, as each shard completes
+SLICE_ROWS = 512  # rows per model-actor call, so the most rows in one written slice
+
+
+def default_batch_size(gpu: bool) -> int:
+    """Images per forward pass when none is given: 16 on CPU (measured on 2 cores with
+    efficientnet_lite0: 8-16 images ran 1.5-2x faster than 64, whose activations overflow
+    the caches), 128 on a GPU."""
+    return 128 if gpu else 16
+
+
+def _is_convolutional(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
 class Featurizer:
     """Ray Data callable class: holds the frozen sub-graph, loaded once per actor, and
-    maps a batch of uint8 pixels to features. Testable without Ray: pass the graph itself.
+    maps a batch of uint8 pixels (or, with ``decode="gpu"``, file bytes) to features.
+    Testable without Ray: pass the graph itself and no ``writer``.
 
     Args:
         model: the frozen sub-graph (a ``GraphModule``), or ``[ObjectRef]`` of one.
-        preprocessing: ``PreprocessConfig.to_dict()`` (for mean/std).
+        preprocessing: ``PreprocessConfig.to_dict()`` (for mean/std, and sizes to decode).
         dtype: feature dtype written out.
         feature_shapes: per-row shape of each output, for batches with no good rows.
         device: ``"auto"`` (CUDA when this actor has a GPU), ``"cuda"`` or ``"cpu"``.
         autocast: fp16 autocast on CUDA.
         threads: torch intra-op threads on CPU (None: leave torch's default).
+        batch_size: images per forward pass (a call may hold several).
+        decode: ``"cpu"``: the batch holds decoded ``pixels``; ``"gpu"``: it holds ``data``
+            (the files' bytes), decoded here on ``device``.
+        max_pixels: with ``decode="gpu"``: images with more pixels become error rows.
+        writer: ``PartWriter.to_dict()``: write the rows where they are computed and
+            return per-row summaries; None: return the features.
     """
 
     def __init__(self, model: Any, preprocessing: dict[str, Any], dtype: FeatureDtype,
                  feature_shapes: Sequence[Sequence[int]], device: str = "auto", autocast: bool = True,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, batch_size: int = 16, decode: Literal["cpu", "gpu"] = "cpu",
+                 max_pixels: int | None = MAX_IMAGE_PIXELS, writer: dict[str, Any] | None = None) -> None:
         if isinstance(model, list):  # [ObjectRef]: wrapped so Ray does not resolve it in the task spec
             import ray
 
@@ -94,36 +116,60 @@ class Featurizer:
         use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.model: fx.GraphModule = model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # channels_last: oneDNN's and cuDNN's fast layout for convolutions (1.8x on 2 CPU
+        # cores for efficientnet_lite0, see benchmarks/README.md)
+        self.memory_format = torch.channels_last if _is_convolutional(self.model) else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
         self.autocast = autocast and self.device.type == "cuda"
         self.config = PreprocessConfig.from_dict(preprocessing)
         self.dtype = np.dtype(dtype)
         self.shapes = [tuple(s) for s in feature_shapes]
+        self.batch_size = int(batch_size)
+        self.decode = decode
+        self.max_pixels = max_pixels
+        self.writer = PartWriter.from_dict(writer) if writer is not None else None
+
+    def _pixels(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor | None, np.ndarray]:
+        """The batch's good rows as (B, H, W, C) uint8 on the device, and every row's error."""
+        if self.decode == "gpu":
+            from .decode import decode_batch
+
+            data = list(batch["data"])
+            pixels, errors = decode_batch(data, [str(e) for e in batch["error"]], self.config, self.device,
+                                          self.max_pixels)
+            errors_arr = np.asarray(errors, dtype=object)
+            ok = readable(errors_arr)
+            return (pixels[torch.from_numpy(ok).to(self.device)] if ok.any() else None), errors_arr
+        errors_arr = np.asarray(batch["error"], dtype=object)
+        ok = readable(errors_arr)
+        if not ok.any():
+            return None, errors_arr
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        return pixels, errors_arr
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        errors = np.asarray(batch["error"], dtype=object)
+        pixels, errors = self._pixels(batch)
         ok = readable(errors)
         n = len(errors)
         outs: list[np.ndarray] = [np.zeros((n, *s), dtype=self.dtype) for s in self.shapes]
-        if ok.any():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
-            if self.device.type == "cuda":
-                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        if pixels is not None:
             amp = torch.autocast("cuda", dtype=torch.float16) if self.autocast else contextlib.nullcontext()
+            chunks: list[list[np.ndarray]] = [[] for _ in self.shapes]
             with torch.inference_mode(), amp:
-                x = normalize(pixels, self.config)  # (B, H, W, C) uint8 -> (B, C, H, W) float
-                if self.device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = self.model(x)
-            ys = y if isinstance(y, tuple) else (y,)
-            for out, value in zip(outs, ys):
-                out[ok] = value.float().cpu().numpy().astype(self.dtype, copy=False)
+                for i in range(0, len(pixels), self.batch_size):
+                    x = normalize(pixels[i:i + self.batch_size], self.config)  # (B, H, W, C) uint8 -> (B, C, H, W) float
+                    y = self.model(x.contiguous(memory_format=self.memory_format))
+                    for chunk, value in zip(chunks, y if isinstance(y, tuple) else (y,)):
+                        chunk.append(value.float().cpu().numpy().astype(self.dtype, copy=False))
+            for out, chunk in zip(outs, chunks):
+                out[ok] = np.concatenate(chunk)
         result = {k: batch[k] for k in ("row_id", "path", "label", "shard") if k in batch}
         result["error"] = errors
         for i, out in enumerate(outs):
             result[_column(i, len(outs))] = out
-        return result
+        return self.writer(result) if self.writer is not None else result
 
 
 def _column(i: int, count: int) -> str:
@@ -161,6 +207,39 @@ def _fingerprint(model_fp: str, boundary: Sequence[str], config: PreprocessConfi
     return h.hexdigest()[:32]
 
 
+class _Tracker:
+    """What the actors report, row by row: the slices of each shard, and which shards are
+    complete (progress is called for each, in the driver's thread)."""
+
+    def __init__(self, plan: ShardPlan, pending: Sequence[int], progress: Progress | None) -> None:
+        self.plan, self.progress = plan, progress
+        self.slices = Slices()
+        self.left = {int(i): plan.size(int(i)) for i in pending}
+        self.rows = self.errors = 0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        shards, keys, ok = np.asarray(batch["shard"]), np.asarray(batch["slice"], dtype=object), np.asarray(batch["ok"])
+        ids, sizes, nodes = np.asarray(batch["row_id"]), np.asarray(batch["bytes"]), np.asarray(batch["node"], dtype=object)
+        for sid in np.unique(shards):
+            in_shard = shards == sid
+            for key in np.unique(keys[in_shard]):
+                m = in_shard & (keys == key)
+                known = self.slices.by_shard.get(int(sid), {}).get(str(key))
+                good, bad = ids[m & ok], ids[m & ~ok]
+                if known is not None:  # the same slice again (a retried call): the same rows
+                    continue
+                self.slices.add(int(sid), str(key), good, bad, int(sizes[m].sum()), str(nodes[m][0]))
+                self.rows, self.errors = self.rows + len(good), self.errors + len(bad)
+                self.left[int(sid)] = self.left.get(int(sid), 0) - int(m.sum())
+                if self.left[int(sid)] == 0 and self.progress is not None:
+                    slices = self.slices.by_shard[int(sid)].values()
+                    self.progress(int(sid), sum(len(g) for g, _, _, _ in slices), sum(len(b) for _, b, _, _ in slices))
+
+    @property
+    def open_shards(self) -> list[int]:
+        return sorted(i for i, left in self.left.items() if left > 0)
+
+
 def featurize(
     model: fx.GraphModule,
     source: str | ImageSource,
@@ -171,14 +250,15 @@ def featurize(
     preprocessing: PreprocessConfig | dict | None = None,
     image_size: int | None = None,
     dtype: FeatureDtype = "float16",
-    batch_size: int = 64,
+    batch_size: int | None = None,
+    decode: Decode = "auto",
     resources: Resources | None = None,
     decode_batch_size: int = 32,
     shard_rows: int | None = None,
     shard_bytes: int = 64 << 20,
     autocast: bool = True,
     overwrite: bool = False,
-    progress: Callable[[int, int, int], None] | None = None,
+    progress: Progress | None = None,
     max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     lease_timeout: float = 300.0,
 ) -> FeatureSet:
@@ -193,16 +273,20 @@ def featurize(
         preprocessing: replaces the model's preprocessing (a config or some of its fields).
         image_size: shorthand for another input size (e.g. smaller images for a quick run).
         dtype: ``"float16"`` (half the bytes) or ``"float32"``.
-        batch_size: images per model call.
+        batch_size: images per forward pass; None: :func:`default_batch_size`.
+        decode: ``"cpu"``: CPU tasks decode the images; ``"gpu"``: the model actors decode
+            them on their device (see :mod:`pipeline.decode`; on a CPU actor the same path
+            runs on its CPU); ``"auto"``: ``"gpu"`` with GPU actors, else ``"cpu"``.
         resources: the model actors (:class:`~pipeline.Resources`: ``num_workers`` actors,
             each loading the frozen sub-graph once; ``use_gpu``; CPUs and torch threads per
             actor); left out: one actor per GPU, or on CPU-only clusters one per node using
             its cores (see ``runtime.plan_actors``).
-        decode_batch_size: images per decode task.
-        shard_rows: rows per Parquet shard; None: as many as fit in ``shard_bytes``.
+        decode_batch_size: images per read/decode task.
+        shard_rows: rows per planned shard; None: as many as fit in ``shard_bytes``.
         autocast: fp16 autocast on GPU actors.
         overwrite: replace an output made with a different fingerprint.
-        progress: called on the driver as ``progress(shard, rows, errors)`` after each shard is written.
+        progress: called on the driver as ``progress(shard, rows, errors)`` as each planned
+            shard is complete (written by the actors).
         max_image_pixels: images with more pixels become error rows without being decoded
             (decompression bombs); None: Pillow's own limit only.
         lease_timeout: seconds after which the output's lease, if its holder on another
@@ -211,7 +295,7 @@ def featurize(
     Returns:
         the committed :class:`FeatureSet`. Run again with the same inputs, it returns the
         committed set without model work; after an interrupted run (an exception, a killed
-        driver, storage that stayed down), it finishes the missing shards only.
+        driver, storage that stayed down), it finishes the incomplete shards only.
 
     Raises:
         FileExistsError: ``output`` holds features with another fingerprint (and not ``overwrite``).
@@ -225,8 +309,10 @@ def featurize(
 
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    if decode not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"decode must be 'auto', 'cpu' or 'gpu', got {decode!r}")
     for name, value in (("batch_size", batch_size), ("decode_batch_size", decode_batch_size)):
-        if not isinstance(value, int) or value <= 0:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     src = source if isinstance(source, ImageSource) else read_images(source, storage_options)
     feat_model = feature_model(model, boundary)
@@ -239,53 +325,83 @@ def featurize(
     committed = read_json(storage.join(output, MANIFEST), storage_options)
     if committed is not None and committed.get("fingerprint") == fp:
         log.info("features at %s are up to date (fingerprint %s): reusing them, nothing recomputed", output, fp)
-        return FeatureSet(output, committed, storage_options, reused=True)
+        return FeatureSet(output, FeaturesManifest.parse(committed), storage_options, reused=True)
     with OutputLease(output, storage_options, lease_timeout) as lease:
         committed = read_json(storage.join(output, MANIFEST), storage_options)  # again, now that we hold the lease
         if committed is not None and committed.get("fingerprint") == fp:
-            return FeatureSet(output, committed, storage_options, reused=True)
+            return FeatureSet(output, FeaturesManifest.parse(committed), storage_options, reused=True)
         row_bytes = sum(math.prod(s) for s in shapes) * np.dtype(dtype).itemsize
         rows_per_shard = shard_rows or int(min(8192, max(64, shard_bytes // max(1, row_bytes))))
-        plan = ShardPlan(len(src), rows_per_shard)
-        pending = _pending_shards(output, storage_options, fp, plan, committed, overwrite)
+        plan = ShardPlan(total=len(src), rows_per_shard=rows_per_shard)
+        pending, resumed = _prepare(output, storage_options, fp, plan, committed, overwrite)
 
         start = time.perf_counter()
-        positions = np.arange(len(src))
-        shard_ids = plan.shard_of(positions)
-        todo = np.isin(shard_ids, pending)
-        table = src.table.append_column("shard", pa.array(shard_ids.astype(np.int64))).filter(pa.array(todo))
-        writer = ShardWriter(output, storage_options, plan, pending,
-                             ["row_id", "path", "label"] + [_column(i, len(shapes)) for i in range(len(shapes))],
-                             on_shard=progress, before_write=lease.check)
+        shard_ids = plan.shard_of(np.arange(len(src)))
+        table = src.table.append_column("shard", pa.array(shard_ids.astype(np.int64))).filter(
+            pa.array(np.isin(shard_ids, pending)))
+        tracker = _Tracker(plan, pending, progress)
         if table.num_rows:
             ensure_ray()
             pool = plan_actors(resources)
-            model_ref = ray.put(parts.frozen)
-            ds = decode_dataset(table, config, src.storage_options, decode_batch_size,
-                                rows_per_block=min(rows_per_shard, 4 * decode_batch_size), max_pixels=max_image_pixels)
+            gpu_decode = decode == "gpu" or (decode == "auto" and pool.gpus > 0)
+            batch = batch_size or default_batch_size(pool.gpus > 0)
+            call_rows = min(rows_per_shard, max(batch, SLICE_ROWS))
+            block = min(rows_per_shard, 4 * decode_batch_size)
+            if gpu_decode:
+                ds = bytes_dataset(table, src.storage_options, decode_batch_size, rows_per_block=block)
+            else:
+                ds = decode_dataset(table, config, src.storage_options, decode_batch_size, rows_per_block=block,
+                                    max_pixels=max_image_pixels)
+            writer = PartWriter(output, storage_options, ("row_id", "path", "label", *(_column(i, len(shapes))
+                                                                                        for i in range(len(shapes)))),
+                                lease.owner)
             ds = ds.map_batches(
-                Featurizer, batch_size=batch_size, batch_format="numpy",
-                fn_constructor_kwargs={"model": [model_ref], "preprocessing": config.to_dict(), "dtype": dtype,
+                Featurizer, batch_size=call_rows, batch_format="numpy",
+                fn_constructor_kwargs={"model": [ray.put(parts.frozen)], "preprocessing": config.to_dict(), "dtype": dtype,
                                        "feature_shapes": [list(s) for s in shapes], "autocast": autocast,
-                                       "threads": pool.threads},
+                                       "threads": pool.threads, "batch_size": batch,
+                                       "decode": "gpu" if gpu_decode else "cpu", "max_pixels": max_image_pixels,
+                                       "writer": writer.to_dict()},
                 compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
-                memory=actor_memory(parts.frozen, config, batch_size),
+                memory=actor_memory(parts.frozen, config, batch),
             )
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                writer.add(batch)
-            if writer.open_shards:
-                raise RuntimeError(f"featurization ended with shards {writer.open_shards[:10]} incomplete")
+            try:
+                for summary in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    tracker.add(summary)
+            except Exception as exc:
+                raise _unwrapped(exc) from exc
+            if tracker.open_shards:
+                raise RuntimeError(f"featurization ended with shards {tracker.open_shards[:10]} incomplete")
         seconds = time.perf_counter() - start
         lease.check()
         return _commit(output, storage_options, src, plan, fp, model_fp, feat_model, parts.boundary, shapes, dtype,
-                       config, seconds, writer)
+                       config, seconds, resumed, tracker)
 
 
-def _pending_shards(output: str, storage_options: dict | None, fp: str, plan: ShardPlan, committed: dict | None,
-                    overwrite: bool) -> list[int]:
-    """Make ``output`` ready for this run (under its lease) and return the shards it still
-    needs: all of them, or those an interrupted attempt with the same fingerprint and plan
-    left. Another run's features or attempt are cleared only with ``overwrite``."""
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The exception a user can act on inside Ray's wrappers (a storage outage, a lost
+    lease; Ray keeps the original as ``cause``), else ``exc``."""
+    from surgery.storage import StorageUnavailable
+
+    from .lease import LeaseLost
+
+    seen: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and not any(e is s for s in seen):
+        seen.append(e)
+        if type(e) in (StorageUnavailable, LeaseLost):
+            return e
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return exc
+
+
+def _prepare(output: str, storage_options: dict | None, fp: str, plan: ShardPlan, committed: dict | None,
+             overwrite: bool) -> tuple[list[int], Slices]:
+    """Make ``output`` ready for this run (under its lease). Returns the shards it still
+    needs (all of them, or those an interrupted attempt with the same fingerprint and plan
+    left incomplete) and the slices of the complete ones. Another run's features or
+    attempt are cleared only with ``overwrite``."""
     if committed is not None:
         if not overwrite:
             raise FileExistsError(
@@ -304,66 +420,51 @@ def _pending_shards(output: str, storage_options: dict | None, fp: str, plan: Sh
         clear(output, storage_options)
         attempt = None
     if attempt is None:
+        clear(output, storage_options)  # stray slices of a run that died before writing its attempt
         write_json(storage.join(output, ATTEMPT), {"fingerprint": fp, "plan": plan.to_dict()}, storage_options)
-        return list(range(plan.count))
-    done = completed_shards(output, storage_options)
-    if done:
-        log.info("resuming featurization at %s: %d of %d shards already written", output, len(done), plan.count)
-    return [i for i in range(plan.count) if i not in done]
+        return list(range(plan.count)), Slices()
+    found = existing_slices(output, storage_options)
+    complete, incomplete, redundant = assemble(plan, found, range(plan.count))
+    stale = [(sid, key) for sid in incomplete for key in found.by_shard.get(sid, {})]
+    delete_slices(output, storage_options, stale + redundant)
+    kept = found.only(complete.values())
+    if complete:
+        log.info("resuming featurization at %s: %d of %d shards already written", output, len(complete), plan.count)
+    return sorted(incomplete), kept
 
 
 def _commit(output: str, storage_options: dict | None, src: ImageSource, plan: ShardPlan, fp: str, model_fp: str,
             model: fx.GraphModule, boundary: Sequence[str], shapes: list, dtype: str, config: PreprocessConfig,
-            seconds: float, writer: ShardWriter) -> FeatureSet:
-    import pyarrow.parquet as pq
-
-    fs, root = storage.filesystem(output, storage_options)
-    shards = []
-    for i in range(plan.count):
-        path = shard_path(i)
-        full = f"{root.rstrip('/')}/{path}"
-
-        def look(full: str = full) -> tuple[dict, int]:
-            with fs.open(full, "rb") as f:
-                return fs.info(full), pq.ParquetFile(f).metadata.num_rows
-
-        info, rows = storage.retrying(look, f"read {storage.join(output, path)}")
-        shards.append({"path": path, "rows": int(rows), "bytes": int(info.get("size") or 0)})
-    errors = gather_errors(output, storage_options, range(plan.count))
+            seconds: float, resumed: Slices, tracker: _Tracker) -> FeatureSet:
+    every = Slices({**resumed.by_shard, **tracker.slices.by_shard})
+    complete, incomplete, redundant = assemble(plan, every, range(plan.count))
+    if incomplete:
+        raise RuntimeError(f"featurization lost rows: shards {incomplete[:10]} are incomplete")
+    shards = [complete[i] for i in range(plan.count)]
+    delete_slices(output, storage_options, redundant + unlisted(output, storage_options, shards))
+    errors = gather_errors(output, storage_options, shards)
     write_table(storage.join(output, ERRORS), errors, storage_options)
-    rows = sum(s["rows"] for s in shards)
+    rows = sum(s.rows for s in shards)
     if rows + errors.num_rows != len(src):
         raise RuntimeError(f"featurization lost rows: {rows} written + {errors.num_rows} errors != {len(src)} inputs")
-    images_per_s = writer.rows_written / seconds if seconds > 0 and writer.rows_written else None
-    manifest = {
-        "format": FEATURES_FORMAT,
-        "fingerprint": fp,
-        "model_fingerprint": model_fp,
-        "model": surgery.get_info(model).name,
-        "boundary": list(boundary),
-        "feature_columns": [_column(i, len(shapes)) for i in range(len(shapes))],
-        "feature_shapes": [list(s) for s in shapes],
-        "dtype": dtype,
-        "preprocessing": config.to_dict(),
-        "classes": list(src.classes),
-        "source": {"uri": src.uri, "layout": src.layout, "rows": len(src), "listing_hash": src.listing_hash()},
-        "rows": rows,
-        "errors": int(errors.num_rows),
-        "errors_file": ERRORS,
-        "shards": shards,
-        "plan": plan.to_dict(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(seconds, 3),
-        "images_per_s": round(images_per_s, 2) if images_per_s else None,
-    }
+    images_per_s = tracker.rows / seconds if seconds > 0 and tracker.rows else None
+    manifest = FeaturesManifest(
+        format=FEATURES_FORMAT, fingerprint=fp, model_fingerprint=model_fp, model=surgery.get_info(model).name,
+        boundary=list(boundary), feature_columns=[_column(i, len(shapes)) for i in range(len(shapes))],
+        feature_shapes=[list(s) for s in shapes], dtype=dtype, preprocessing=config.to_dict(), classes=list(src.classes),
+        source=SourceInfo(uri=src.uri, layout=src.layout, rows=len(src), listing_hash=src.listing_hash()),
+        rows=rows, errors=int(errors.num_rows), errors_file=ERRORS, shards=shards, plan=plan,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=round(seconds, 3),
+        images_per_s=round(images_per_s, 2) if images_per_s else None,
+    )
     try:  # the commit: created, never overwritten, so two jobs cannot both commit
-        storage.create_bytes(storage.join(output, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode(),
+        storage.create_bytes(storage.join(output, MANIFEST), json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode(),
                              storage_options)
     except FileExistsError:
         raise FileExistsError(f"another job committed features at {output!r} first; this run's shards were not "
                               "committed") from None
     storage.delete(storage.join(output, ATTEMPT), storage_options)
-    if writer.rows_written or writer.errors_written:
-        log.info("featurized %d images (%d errors) in %.1fs: %.1f images/s -> %s", writer.rows_written,
-                 writer.errors_written, seconds, images_per_s or 0.0, output)
+    if tracker.rows or tracker.errors:
+        log.info("featurized %d images (%d errors) in %.1fs: %.1f images/s -> %s", tracker.rows, tracker.errors,
+                 seconds, images_per_s or 0.0, output)
     return FeatureSet(output, manifest, storage_options)

@@ -26,7 +26,7 @@ from typing import Any
 
 from surgery import storage
 
-__all__ = ["LEASE", "OutputLease", "LeaseHeld", "LeaseLost"]
+__all__ = ["LEASE", "OutputLease", "LeaseHeld", "LeaseLost", "assert_held"]
 
 log = logging.getLogger(__name__)
 
@@ -179,3 +179,18 @@ class OutputLease:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def assert_held(output: str, storage_options: dict[str, Any] | None, owner: str) -> None:
+    """Raise :class:`LeaseLost` unless the lease on ``output`` is ``owner``'s. The actors
+    that write a job's shards call this before each write, so a job judged dead (its lease
+    taken over) stops writing even where its driver cannot reach it."""
+    try:
+        held = json.loads(storage.read_bytes(storage.join(output, LEASE), storage_options))
+    except FileNotFoundError:
+        held = None
+    except ValueError:
+        held = {}
+    if held is None or held.get("owner") != owner:
+        who = "it was deleted" if held is None else f"process {held.get('pid')} on {held.get('host')!r} holds it"
+        raise LeaseLost(f"lost the lease on {output!r} ({who}); this job stops writing")

@@ -1,25 +1,34 @@
-"""Committed Parquet outputs: shards written whole, an errors table, and a manifest
-written last that is the commit (readers trust only what it lists).
+"""Committed Parquet outputs, written where the rows are computed.
 
 Layout under an output URI::
 
+    _lock.json               the lease of the job writing it (see pipeline.lease)
     _attempt.json            written first: the fingerprint and shard plan of a run in progress
-    shards/part-00000.parquet ...  one file per planned shard of input rows
-    errors/part-00000.parquet ...  the rows of that shard that could not be read (when any)
-    errors.parquet           every error row (path, reason), gathered at commit
-    manifest.json            the commit
+    shards/part-00003-<key>.parquet   the good rows of one slice of shard 3
+    errors/part-00003-<key>.parquet   the rows of that slice that could not be read (when any)
+    errors.parquet           every error row (row_id, path, reason), gathered at commit
+    manifest.json            the commit (pipeline.manifest)
 
-A shard's data file is written after its errors file, so a data file that exists means
-the shard is complete; a resumed run skips those shards.
+Rows are planned into shards by their position in the input listing. The Ray actors that
+compute rows write them (:class:`PartWriter`): each call splits its batch by shard and
+writes one *slice* per shard, named by a hash of the slice's row ids. A retried call (an
+actor killed, a node lost) recomputes the same rows and rewrites the same files, so rows
+are never written twice under two names; the driver still checks, at commit, that every
+planned row is in exactly one slice (:func:`assemble`), and drops any slice another one
+duplicates. Slices that no manifest lists (a run that died) are deleted at commit.
+
+The driver never touches feature bytes: it gets a few numbers per row back (its id,
+shard, slice and whether it was readable), decides when a shard is complete, and commits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -27,50 +36,31 @@ import pyarrow.parquet as pq
 
 from surgery import storage
 
+from .manifest import ERRORS, Part, Shard, ShardPlan
 from .sources import readable
 
-__all__ = ["ShardPlan", "ShardWriter", "to_arrow_columns", "read_json", "write_json", "read_table", "write_table",
+__all__ = ["ShardPlan", "PartWriter", "Slices", "existing_slices", "assemble", "delete_slices", "gather_errors",
+           "unlisted", "to_arrow_columns", "read_json", "write_json", "read_table", "write_table", "clear", "part_path",
            "MANIFEST", "ATTEMPT", "ERRORS"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 ATTEMPT = "_attempt.json"
-ERRORS = "errors.parquet"
 _ERROR_SCHEMA = pa.schema([("row_id", pa.int64()), ("path", pa.string()), ("reason", pa.string())])
 
 
-def shard_path(i: int) -> str:
-    return f"shards/part-{i:05d}.parquet"
+def slice_key(path: str) -> str:
+    """The slice key in a part's file name (``shards/part-00003-<key>.parquet``)."""
+    return path.rsplit("-", 1)[-1].removesuffix(".parquet")
 
 
-def error_path(i: int) -> str:
-    return f"errors/part-{i:05d}.parquet"
+def part_path(shard: int, key: str) -> str:
+    return f"shards/part-{shard:05d}-{key}.parquet"
 
 
-@dataclass(frozen=True)
-class ShardPlan:
-    """Input rows (in listing order) cut into shards of ``rows_per_shard``."""
-
-    total: int
-    rows_per_shard: int
-
-    @property
-    def count(self) -> int:
-        return (self.total + self.rows_per_shard - 1) // self.rows_per_shard
-
-    def shard_of(self, positions: np.ndarray) -> np.ndarray:
-        return positions // self.rows_per_shard
-
-    def size(self, i: int) -> int:
-        return min(self.rows_per_shard, self.total - i * self.rows_per_shard)
-
-    def to_dict(self) -> dict[str, int]:
-        return {"total": self.total, "rows_per_shard": self.rows_per_shard}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ShardPlan":
-        return cls(int(d["total"]), int(d["rows_per_shard"]))
+def error_part_path(shard: int, key: str) -> str:
+    return f"errors/part-{shard:05d}-{key}.parquet"
 
 
 def read_json(uri: str, storage_options: dict | None) -> dict | None:
@@ -124,93 +114,193 @@ def to_arrow_columns(batch: dict[str, np.ndarray]) -> dict[str, pa.Array]:
     return out
 
 
-class ShardWriter:
-    """Gathers streamed rows by shard and writes each shard when its last row arrives.
+def _key(row_ids: np.ndarray) -> str:
+    return hashlib.sha1(np.sort(np.asarray(row_ids, dtype=np.int64)).tobytes()).hexdigest()[:16]
 
-    Rows carry ``shard`` (the planned shard) and ``error`` ("" when fine). ``columns``
-    picks the data columns of good rows, in order. ``before_write`` runs before each
-    shard is written (the featurization checks its lease there).
+
+def _node() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # pragma: no cover - outside Ray
+        return ""
+
+
+@dataclass(frozen=True)
+class PartWriter:
+    """Writes the rows of a computed batch where they were computed, and returns a few
+    numbers per row for the driver (``row_id``, ``shard``, ``slice``, ``ok``, ``bytes``,
+    ``node``). Rows carry ``shard`` (the planned shard) and ``error`` ("" when fine);
+    ``columns`` are the data columns of good rows, in order. With ``lease_owner`` it
+    checks, before writing, that the job still holds the output's lease.
     """
 
-    def __init__(self, output: str, storage_options: dict | None, plan: ShardPlan, pending: Iterable[int],
-                 columns: list[str], on_shard: Callable[[int, int, int], None] | None = None,
-                 before_write: Callable[[], None] | None = None) -> None:
-        self.output = output
-        self.before_write = before_write
-        self.storage_options = storage_options
-        self.plan = plan
-        self.columns = columns
-        self.on_shard = on_shard
-        self._expected = {i: plan.size(i) for i in pending}
-        self._parts: dict[int, list[dict[str, np.ndarray]]] = {}
-        self._seen: dict[int, int] = {}
-        self.rows_written = 0
-        self.errors_written = 0
-        self.bytes_written = 0
+    output: str  # the output folder URI
+    storage_options: dict[str, Any] | None  # fsspec options (travel to the actors, are never logged)
+    columns: tuple[str, ...]  # data columns of good rows, in file order
+    lease_owner: str | None = None  # the lease this job holds on the output
+    class_names: tuple[str, ...] = field(default=())  # predictions: a class_name column from "predicted"
 
-    @property
-    def open_shards(self) -> list[int]:
-        return sorted(i for i, n in self._seen.items() if n < self._expected.get(i, 0))
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "storage_options": self.storage_options, "columns": list(self.columns),
+                "lease_owner": self.lease_owner, "class_names": list(self.class_names)}
 
-    def add(self, batch: dict[str, np.ndarray]) -> None:
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PartWriter":
+        return cls(d["output"], d.get("storage_options"), tuple(d["columns"]), d.get("lease_owner"),
+                   tuple(d.get("class_names") or ()))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .lease import assert_held
+
+        if self.lease_owner is not None:
+            assert_held(self.output, self.storage_options, self.lease_owner)
+        if self.class_names and "predicted" in batch:
+            names = self.class_names
+            batch = {**batch, "class_name": np.asarray([names[i] if i < len(names) else str(i)
+                                                        for i in batch["predicted"]], dtype=object)}
         shards = np.asarray(batch["shard"])
+        n = len(shards)
+        out = {"row_id": np.asarray(batch["row_id"], dtype=np.int64), "shard": shards.astype(np.int64),
+               "slice": np.empty(n, dtype=object), "ok": readable(batch["error"]),
+               "bytes": np.zeros(n, dtype=np.int64), "node": np.full(n, _node(), dtype=object)}
         for sid in np.unique(shards):
             mask = shards == sid
-            part = {k: np.asarray(v)[mask] for k, v in batch.items()}
-            sid = int(sid)
-            if sid not in self._expected:
-                raise RuntimeError(f"rows for shard {sid}, which is not pending; the job's input changed under it")
-            self._parts.setdefault(sid, []).append(part)
-            self._seen[sid] = self._seen.get(sid, 0) + int(mask.sum())
-            if self._seen[sid] > self._expected[sid]:
-                raise RuntimeError(f"shard {sid} got {self._seen[sid]} rows but plans {self._expected[sid]}: duplicated input")
-            if self._seen[sid] == self._expected[sid]:
-                self._write(sid)
+            rows = {k: np.asarray(v)[mask] for k, v in batch.items()}
+            key = _key(rows["row_id"])
+            size = self._write_slice(int(sid), key, rows)
+            out["slice"][mask] = key
+            out["bytes"][np.flatnonzero(mask)[:1]] = size  # the slice's size, once
+        return out
 
-    def _write(self, sid: int) -> None:
-        if self.before_write is not None:
-            self.before_write()
-        parts = self._parts.pop(sid)
-        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    def _write_slice(self, shard: int, key: str, rows: dict[str, np.ndarray]) -> int:
         order = np.argsort(rows["row_id"], kind="stable")
         rows = {k: v[order] for k, v in rows.items()}
         bad = ~readable(rows["error"])
-        if bad.any():
+        if bad.any():  # errors first: a data part that exists means its slice is complete
             errors = pa.table({"row_id": pa.array(rows["row_id"][bad].astype(np.int64)),
                                "path": pa.array([str(p) for p in rows["path"][bad]], pa.string()),
                                "reason": pa.array([str(e) for e in rows["error"][bad]], pa.string())})
-            write_table(storage.join(self.output, error_path(sid)), errors, self.storage_options)
+            write_table(storage.join(self.output, error_part_path(shard, key)), errors, self.storage_options)
         good = {k: rows[k][~bad] for k in self.columns}
-        table = pa.table(to_arrow_columns(good))
-        self.bytes_written += write_table(storage.join(self.output, shard_path(sid)), table, self.storage_options)
-        self.rows_written += int((~bad).sum())
-        self.errors_written += int(bad.sum())
-        if self.on_shard is not None:
-            self.on_shard(sid, int((~bad).sum()), int(bad.sum()))
+        return write_table(storage.join(self.output, part_path(shard, key)), pa.table(to_arrow_columns(good)),
+                           self.storage_options)
 
 
-def completed_shards(output: str, storage_options: dict | None) -> dict[int, str]:
-    """Shard index -> data file for every shard file present under ``output``."""
+@dataclass
+class Slices:
+    """What is known of the slices of one output: per shard, slice key -> (good row ids,
+    error row ids, bytes, node)."""
+
+    by_shard: dict[int, dict[str, tuple[np.ndarray, np.ndarray, int, str]]] = field(default_factory=dict)
+
+    def add(self, shard: int, key: str, good: np.ndarray, bad: np.ndarray, size: int, node: str) -> None:
+        self.by_shard.setdefault(shard, {})[key] = (np.asarray(good, dtype=np.int64), np.asarray(bad, dtype=np.int64),
+                                                     size, node)
+
+    def rows_in(self, shard: int) -> int:
+        return sum(len(g) + len(b) for g, b, _, _ in self.by_shard.get(shard, {}).values())
+
+    def only(self, shards: Iterable[Shard]) -> "Slices":
+        """The slices these manifest entries list."""
+        return Slices({s.shard: {slice_key(p.path): self.by_shard[s.shard][slice_key(p.path)] for p in s.parts}
+                       for s in shards})
+
+
+def _list(output: str, folder: str, storage_options: dict | None) -> list[str]:
+    if not storage.exists(storage.join(output, folder), storage_options):
+        return []
     fs, root = storage.filesystem(output, storage_options)
-    folder = f"{root.rstrip('/')}/shards"
-    if not storage.exists(storage.join(output, "shards"), storage_options):
-        return {}
-    done = {}
-    for path in storage.retrying(lambda: fs.ls(folder, detail=False, refresh=True), f"list {output}/shards"):
-        name = path.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".parquet"):
-            done[int(name[5:10])] = f"shards/{name}"
-    return done
+    found = storage.retrying(lambda: fs.ls(f"{root.rstrip('/')}/{folder}", detail=False, refresh=True),
+                             f"list {output}/{folder}")
+    return sorted(p.rsplit("/", 1)[-1] for p in found)
 
 
-def gather_errors(output: str, storage_options: dict | None, shards: Iterable[int]) -> pa.Table:
+def _parse(name: str) -> tuple[int, str] | None:
+    if not (name.startswith("part-") and name.endswith(".parquet")):
+        return None
+    parts = name[5:-8].split("-")
+    if len(parts) != 2 or not parts[0].isdigit():
+        return None
+    return int(parts[0]), parts[1]
+
+
+def existing_slices(output: str, storage_options: dict | None) -> Slices:
+    """The slices an earlier, uncommitted attempt wrote (their row ids read back)."""
+    found = Slices()
+    errors = {p for p in (_parse(n) for n in _list(output, "errors", storage_options)) if p}
+    for name in _list(output, "shards", storage_options):
+        parsed = _parse(name)
+        if parsed is None:
+            continue
+        shard, key = parsed
+        uri = storage.join(output, part_path(shard, key))
+        good = read_table(uri, storage_options, ["row_id"]).column("row_id").to_numpy()
+        bad = (read_table(storage.join(output, error_part_path(shard, key)), storage_options, ["row_id"])
+               .column("row_id").to_numpy() if (shard, key) in errors else np.zeros(0, dtype=np.int64))
+        fs, path = storage.filesystem(uri, storage_options)
+        size = int(storage.retrying(lambda: fs.info(path), f"look at {uri}").get("size") or 0)
+        found.add(shard, key, good, bad, size, "")
+    return found
+
+
+def assemble(plan: ShardPlan, slices: Slices, shards: Iterable[int]) -> tuple[dict[int, Shard], list[int], list[tuple[int, str]]]:
+    """Which of ``shards`` are complete: each planned row in exactly one slice. Returns the
+    complete shards (as manifest entries), the incomplete ones, and redundant slices (a
+    slice whose rows another slice already holds, from a retried call)."""
+    complete: dict[int, Shard] = {}
+    incomplete, redundant = [], []
+    for sid in shards:
+        start = sid * plan.rows_per_shard
+        wanted = np.arange(start, start + plan.size(sid), dtype=np.int64)
+        kept: list[str] = []
+        covered = np.zeros(len(wanted), dtype=bool)
+        options = slices.by_shard.get(sid, {})
+        for key, (good, bad, _, _) in sorted(options.items(), key=lambda kv: -(len(kv[1][0]) + len(kv[1][1]))):
+            ids = np.concatenate([good, bad]) - start
+            if len(ids) == 0 or ids.min() < 0 or ids.max() >= len(wanted) or covered[ids].any():
+                redundant.append((sid, key))
+                continue
+            covered[ids] = True
+            kept.append(key)
+        if not covered.all():
+            incomplete.append(sid)
+            continue
+        parts = [Part(path=part_path(sid, k), rows=len(options[k][0]), bytes=options[k][2], node=options[k][3] or None)
+                 for k in sorted(kept)]
+        complete[sid] = Shard(shard=sid, rows=sum(p.rows for p in parts), errors=sum(len(options[k][1]) for k in kept),
+                              bytes=sum(p.bytes for p in parts), parts=parts)
+    return complete, incomplete, redundant
+
+
+def delete_slices(output: str, storage_options: dict | None, slices: Iterable[tuple[int, str]]) -> None:
+    for shard, key in slices:
+        storage.delete(storage.join(output, part_path(shard, key)), storage_options)
+        storage.delete(storage.join(output, error_part_path(shard, key)), storage_options)
+
+
+def gather_errors(output: str, storage_options: dict | None, shards: Iterable[Shard]) -> pa.Table:
+    """Every error row of the committed slices, in row-id order."""
     tables = []
-    for i in sorted(shards):
-        try:
-            tables.append(read_table(storage.join(output, error_path(i)), storage_options))
-        except FileNotFoundError:
-            continue  # the shard had no error rows
-    return pa.concat_tables(tables) if tables else _ERROR_SCHEMA.empty_table()
+    for shard in shards:
+        if not shard.errors:
+            continue
+        for part in shard.parts:
+            key = slice_key(part.path)
+            try:
+                tables.append(read_table(storage.join(output, error_part_path(shard.shard, key)), storage_options))
+            except FileNotFoundError:
+                continue  # this slice of the shard had no error rows
+    table = pa.concat_tables(tables) if tables else _ERROR_SCHEMA.empty_table()
+    return table.take(pa.array(np.argsort(table.column("row_id").to_numpy(), kind="stable"))) if tables else table
+
+
+def unlisted(output: str, storage_options: dict | None, keep: Iterable[Shard]) -> list[tuple[int, str]]:
+    """Slices in the output folder that ``keep`` does not list."""
+    listed = {(s.shard, slice_key(p.path)) for s in keep for p in s.parts}
+    found = {p for folder in ("shards", "errors") for p in (_parse(n) for n in _list(output, folder, storage_options)) if p}
+    return sorted(found - listed)
 
 
 def clear(output: str, storage_options: dict | None) -> None:

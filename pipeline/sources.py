@@ -39,8 +39,8 @@ from surgery.preprocess import (
     resize_crop,
 )
 
-__all__ = ["ImageSource", "read_images", "IMAGE_EXTENSIONS", "read_and_decode", "decode_memory", "decode_dataset",
-           "readable", "image_dataset"]
+__all__ = ["ImageSource", "read_images", "IMAGE_EXTENSIONS", "read_and_decode", "read_files", "decode_memory",
+           "decode_dataset", "bytes_dataset", "readable", "image_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +335,26 @@ def read_and_decode(
     return out
 
 
+def read_files(batch: dict[str, np.ndarray], storage_options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Ray Data batch function: each ``path``'s bytes as ``data``, undecoded (for
+    ``decode="gpu"``, where the model actors decode). A file that cannot be read becomes
+    an error row; storage that stays down fails the batch, as in :func:`read_and_decode`."""
+    paths = [str(p) for p in batch["path"]]
+    errors = [str(e) for e in batch["error"]] if "error" in batch else [""] * len(paths)
+    todo = [i for i in range(len(paths)) if not errors[i]]
+    data = np.empty(len(paths), dtype=object)
+    data[:] = [b""] * len(paths)
+    for i, blob in zip(todo, _read_all([paths[i] for i in todo], storage_options)):
+        if isinstance(blob, Exception):
+            errors[i] = f"cannot read: {type(blob).__name__}: {blob}"
+        else:
+            data[i] = bytes(blob)
+    out = {k: v for k, v in batch.items() if k != "size"}
+    out["data"] = data
+    out["error"] = np.asarray(errors, dtype=object)
+    return out
+
+
 def readable(errors: Sequence[str]) -> np.ndarray:
     """Mask of the rows whose ``error`` is empty: the file was read and decoded."""
     return np.asarray([e == "" for e in errors], dtype=bool)
@@ -355,6 +375,18 @@ def decode_dataset(table: pa.Table, config: PreprocessConfig, storage_options: d
                           fn_kwargs={"preprocessing": config.to_dict(), "storage_options": storage_options,
                                      "augment": augment, "seed": seed, "max_pixels": max_pixels},
                           num_cpus=1, memory=decode_memory(config, batch_size))
+
+
+def bytes_dataset(table: pa.Table, storage_options: dict[str, Any] | None, batch_size: int = 32,
+                  rows_per_block: int | None = None) -> Any:
+    """The rows of ``table`` as a Ray Dataset of undecoded file bytes (``data``), read by
+    :func:`read_files` in tasks of their own."""
+    import ray.data
+
+    chunk = max(1, rows_per_block or 4 * batch_size)
+    ds = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, table.num_rows, chunk)])
+    return ds.map_batches(read_files, batch_size=batch_size, batch_format="numpy",
+                          fn_kwargs={"storage_options": storage_options}, num_cpus=1, memory=512 * 2**20)
 
 
 def _drop_errors(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -24,6 +24,7 @@ given), so trials are compared on the same data.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -32,7 +33,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -337,10 +338,12 @@ def sweep(
         param_space=dict(space),
         tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, scheduler=asha,
                                     max_concurrent_trials=concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name=run, storage_path=path, storage_filesystem=fs, verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        # every checkpoint a trial writes is its best epoch so far (the newest is the best); keeping
+        # them all avoids the experiment snapshot Tune forces whenever num_to_keep prunes
+        run_config=tune.RunConfig(name=run, storage_path=path, storage_filesystem=fs, verbose=0),
     )
-    grid = tuner.fit()
+    with _quiet_tune():
+        grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(grid)} trials failed; the first: {errors[0]}")
@@ -348,6 +351,21 @@ def sweep(
     log.info("sweep %s: %d trials in %.1fs; best %s=%.4f with %s", run, len(out.table), out.seconds, metric,
              out.best_metrics[metric], out.best_config)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_tune() -> Iterator[None]:
+    """Ray Tune's progress tables print whatever ``verbose`` says under its new output
+    engine; its classic reporter honours ``verbose=0``. Restored afterwards."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def _arrays(part: dict[str, np.ndarray], columns: tuple[str, ...]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:

@@ -44,3 +44,23 @@ def tiny_head(tiny_name: str, ftc, n_out: int = 3):
     torch.manual_seed(0)
     return (TransferLearning(surgery.zoo.load(tiny_name)).fine_tune_configuration(ftc).set_feature_extractor("flatten")
             .remove_vertex_keep_connections("fc2").add_layer("fc2", Output(n_out, loss="cross_entropy")).build())
+
+
+class WideCNN(nn.Module):
+    """A model whose pooled-free features are very wide (1,024 channels at the input's
+    resolution): featurized at 32 px, a row holds 1,048,576 values (2 MiB in float16)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.expand = nn.Conv2d(8, 1024, 1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(1024 * 32 * 32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.expand(torch.relu(self.conv1(x)))))
+
+
+@register_model("wide_cnn_test", preprocessing=PreprocessConfig(input_size=(3, 32, 32), crop_pct=1.0))
+def wide_cnn_test(num_classes: int = 10) -> nn.Module:
+    return WideCNN(num_classes)

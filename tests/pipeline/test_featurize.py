@@ -1,6 +1,8 @@
 """pipeline.featurize: a whole image set on S3 through Ray Data into committed Parquet
 shards that equal the helper's features, with errors, reuse, resume and refusal."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -17,6 +19,8 @@ from pipeline import (
     featurize,
     read_images,
 )
+from pipeline.manifest import ShardPlan
+from pipeline.shards import assemble, existing_slices
 from surgery import TransferLearning, TransferLearningHelper
 from surgery.preprocess import normalize, preprocess_bytes
 
@@ -98,12 +102,19 @@ def test_rerun_reuses_and_an_interrupted_run_resumes(ray_session, tmp_path, tiny
         featurize(model, str(root), out, shard_rows=5, resources=Resources(cpus_per_worker=0.5), progress=crash_after_two)
     with pytest.raises(FileNotFoundError, match="no committed feature set"):
         FeatureSet.open(out)
-    first_two = set(written)
+    plan = ShardPlan(total=len(labels), rows_per_shard=5)
+    done, _, _ = assemble(plan, existing_slices(out, None), range(plan.count))
+    assert set(written) <= set(done)  # the actors wrote what they computed, whatever the driver did next
+    (Path(out) / done[max(done)].parts[0].path).unlink()  # and one shard loses a slice: it is incomplete now
+    before = set(done) - {max(done)}
     written.clear()
-    fset = featurize(model, str(root), out, shard_rows=5, resources=Resources(cpus_per_worker=0.5), progress=lambda s, r, e: written.append(s))
-    assert first_two.isdisjoint(written) and len(written) + len(first_two) == len(fset.shards) == 6
+    fset = featurize(model, str(root), out, shard_rows=5, resources=Resources(cpus_per_worker=0.5),
+                     progress=lambda s, r, e: written.append(s))
+    assert sorted(written) == sorted(set(range(plan.count)) - before) and max(done) in written
+    assert len(fset.shards) == plan.count == 6
     ids = sorted(fset.to_dataset().to_pandas()["row_id"].tolist())
     assert ids == list(range(len(labels)))  # every row once, none twice
+    assert len(list((Path(out) / "shards").iterdir())) == sum(len(s.parts) for s in fset.shards)  # no stray slices
 
     written.clear()
     again = featurize(model, str(root), out, shard_rows=5, resources=Resources(cpus_per_worker=0.5), progress=lambda s, r, e: written.append(s))
@@ -124,7 +135,7 @@ def test_float16_shards_are_half_the_size_and_pandas_reads_them(ray_session, tmp
     sizes = {}
     for dtype in ("float16", "float32"):
         fset = featurize(lite0_pooled, str(root), str(tmp_path / dtype), image_size=32, dtype=dtype, resources=Resources(cpus_per_worker=0.5))
-        sizes[dtype] = sum(s["bytes"] for s in fset.shards)
+        sizes[dtype] = sum(s.bytes for s in fset.shards)
         df = pd.read_parquet(fset.shard_uris()[0])
         assert list(df.columns) == ["row_id", "path", "label", "features"] and df["features"].iloc[0].shape == (1280,)
         assert df["features"].iloc[0].dtype == np.dtype(dtype)
