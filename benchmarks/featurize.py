@@ -1,9 +1,12 @@
-"""Featurization throughput: ``pipeline.featurize`` against the plain PyTorch loop on the
-same JPEGs, model (efficientnet_lite0 frozen to the global pooling), batch size and
-thread count, back to back in one process; plus where the time goes, and on a GPU
-machine the GPU images/s and utilisation with fp16 autocast on and off.
+"""Featurization throughput: ``pipeline.featurize`` (its defaults) against the plain
+PyTorch loop a user writes (a DataLoader decoding in worker processes, batch 64, the
+default memory format) on the same JPEGs and model (efficientnet_lite0 frozen to the
+global pooling), and against the CPU's limit: the model-only forward rate at its best
+setting (memory format x batch size, all cores), back to back in one process. Plus where
+the time goes, the fixed start-up and what it is made of, and on a GPU machine the GPU
+images/s and utilisation.
 
-    python -m benchmarks.featurize [--images 2000] [--batch-size 64] [--threads N] [--workers N]
+    python -m benchmarks.featurize [--images 2000] [--threads N] [--workers N]
 """
 
 from __future__ import annotations
@@ -52,12 +55,12 @@ def stage_costs(paths: list[Path], model: Any, config: Any, batch_size: int, thr
     pixels = np.stack([resize_crop(img, config) for img in images])
     resize = time.perf_counter() - t
     torch.set_num_threads(threads)
-    frozen = split(model).frozen.eval()
+    frozen = split(model).frozen.eval().to(memory_format=torch.channels_last)  # as the model actors run it
     x = torch.from_numpy(pixels[:batch_size])
     with torch.inference_mode():
-        frozen(normalize(x[:4], config))  # warm-up
+        frozen(normalize(x[:4], config).contiguous(memory_format=torch.channels_last))  # warm-up
         t = time.perf_counter()
-        feats = frozen(normalize(x, config))
+        feats = frozen(normalize(x, config).contiguous(memory_format=torch.channels_last))
         infer = time.perf_counter() - t
     t = time.perf_counter()
     table_ = pa.table({"features": pa.FixedShapeTensorArray.from_numpy_ndarray(feats.numpy().astype(np.float16))})
@@ -97,7 +100,54 @@ class _GpuSampler:
         return float(np.mean(busy)) if busy else None
 
 
-def _freezeray(model: Any, source: Any, config: Any, batch_size: int, num_actors: int, threads: int | None,
+def model_limit(model: Any, config: Any, threads: int, batches: tuple[int, ...] = (8, 16, 32, 64),
+                seconds: float = 3.0) -> dict[str, Any]:
+    """The frozen model's forward rate (images/s) on random inputs, for each memory format
+    and batch size, all cores; the best is the limit a featurization is compared to."""
+    from surgery import split
+
+    torch.set_num_threads(threads)
+    frozen = split(model).frozen.eval()
+    rates: dict[str, float] = {}
+    for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        m = frozen.to(memory_format=fmt)
+        for b in batches:
+            x = torch.randn(b, *config.input_size).contiguous(memory_format=fmt)
+            with torch.inference_mode():
+                m(x)  # warm-up
+                done, t = 0, time.perf_counter()
+                while time.perf_counter() - t < seconds:
+                    m(x)
+                    done += b
+            rates[f"{fmt_name}, batch {b}"] = done / (time.perf_counter() - t)
+    best = max(rates, key=rates.__getitem__)
+    return {"rates": rates, "best_setting": best, "best_images_per_s": rates[best]}
+
+
+def startup_parts(model: Any) -> dict[str, float]:
+    """Where a featurization's fixed start-up goes: a fresh Python importing what a model
+    actor imports, and shipping the frozen graph to a new process."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from surgery import split
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import pipeline.featurize, timm"], check=True)
+    imports = time.perf_counter() - t
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    bare = time.perf_counter() - t
+    ref = ray.put(split(model).frozen)
+    t = time.perf_counter()
+    ray.get(ray.remote(lambda r: type(ray.get(r[0])).__name__).remote([ref]))
+    ship = time.perf_counter() - t
+    return {"python_start_s": bare, "imports_s": imports - bare, "first_task_with_model_s": ship}
+
+
+def _freezeray(model: Any, source: Any, config: Any, batch_size: int | None, num_actors: int | None, threads: int | None,
                num_gpus: float | None = None, autocast: bool = True) -> dict[str, Any]:
     import pipeline
 
@@ -115,8 +165,8 @@ def _freezeray(model: Any, source: Any, config: Any, batch_size: int, num_actors
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _with_steady_state(model: Any, root: Path, config: Any, batch_size: int, num_actors: int, threads: int | None,
-                       num_gpus: float | None = None, autocast: bool = True) -> dict[str, Any]:
+def _with_steady_state(model: Any, root: Path, config: Any, batch_size: int | None, num_actors: int | None,
+                       threads: int | None, num_gpus: float | None = None, autocast: bool = True) -> dict[str, Any]:
     """One run on all images and one on half of them: the difference is the marginal
     cost of the second half, free of the fixed start-up (actor processes, imports)."""
     import numpy as np
@@ -134,9 +184,9 @@ def _with_steady_state(model: Any, root: Path, config: Any, batch_size: int, num
 
 def run(images: int = 2000, batch_size: int = 64, threads: int | None = None, workers: int | None = None,
         image_size: int | None = None, random_weights: bool = False, skip_cpu: bool = False) -> dict[str, Any]:
-    """Plain PyTorch (with as many DataLoader workers as cores, and with one) against
-    freezeray with its default actor plan (on CPU: one actor using every core) and with
-    one single-threaded actor per core; the ratio takes the better baseline."""
+    """Plain PyTorch (a DataLoader with as many workers as cores, and with one; batch
+    ``batch_size``) against freezeray with its defaults, and the model alone at its best
+    setting; the ratios take the better plain loop."""
     import os
 
     from surgery import split
@@ -150,32 +200,37 @@ def run(images: int = 2000, batch_size: int = 64, threads: int | None = None, wo
     frozen = split(model).frozen
     start_ray()
     result: dict[str, Any] = {
-        "settings": {"images": images, "batch_size": batch_size, "threads": threads, "workers": workers,
+        "settings": {"images": images, "plain_batch_size": batch_size, "threads": threads, "workers": workers,
                      "input_size": list(config.input_size), "model": "efficientnet_lite0",
                      "weights": "random" if random_weights else "imagenet"},
         "note": "steady_images_per_s: marginal rate between a run on half the images and one on all of them; "
                 "fixed_startup_s: the rest of the half run (actor processes, imports, model load)",
     }
     if not skip_cpu:
+        limit = model_limit(model, config, threads)
         rows = []
         for w in sorted({workers, 1}, reverse=True):
             base = baseline_featurize(frozen, paths, config.to_dict(), Path(tempfile.mkdtemp()), batch_size, w, threads)
-            rows.append({"system": f"plain PyTorch (DataLoader, {w} workers, {threads} threads)", **base})
+            rows.append({"system": f"plain PyTorch (DataLoader, {w} workers, batch {batch_size}, {threads} threads)", **base})
         best = max(r["images_per_s"] for r in rows)
-        ours = _with_steady_state(model, root, config, batch_size, None, None, num_gpus=0)
-        rows.append({"system": f"freezeray featurize (default: 1 actor, {threads} threads)", **ours})
-        if threads > 1:
-            per_core = _with_steady_state(model, root, config, batch_size, min(threads, 8), 1, num_gpus=0)
-            rows.append({"system": f"freezeray featurize ({min(threads, 8)} actors, 1 thread each)", **per_core})
-        result.update(cpu=rows, ratio=ours["images_per_s"] / best, steady_ratio=(ours["steady_images_per_s"] or 0) / best,
-                      stage_ms_per_image=stage_costs([Path(p) for p in paths], model, config, batch_size, threads))
+        ours = _with_steady_state(model, root, config, None, None, None, num_gpus=0)
+        rows.append({"system": f"freezeray featurize (defaults: 1 actor, {threads} threads, channels_last, batch 16)",
+                     **ours})
+        rows.append({"system": f"model alone at its best setting ({limit['best_setting']})",
+                     "images_per_s": limit["best_images_per_s"]})
+        result.update(cpu=rows, limit=limit, ratio=ours["images_per_s"] / best,
+                      steady_ratio=(ours["steady_images_per_s"] or 0) / best,
+                      ratio_to_limit=ours["images_per_s"] / limit["best_images_per_s"],
+                      steady_ratio_to_limit=(ours["steady_images_per_s"] or 0) / limit["best_images_per_s"],
+                      startup=startup_parts(model),
+                      stage_ms_per_image=stage_costs([Path(p) for p in paths], model, config, 16, threads))
     if torch.cuda.is_available():
         gpu_rows = []
-        for autocast in (False, True):
+        for decode in ("cpu", "gpu"):
             with _GpuSampler() as sampler:
-                r = _with_steady_state(model, root, config, batch_size, None, None, num_gpus=1, autocast=autocast)
-            gpu_rows.append({"system": f"freezeray featurize on GPU, fp16 autocast {'on' if autocast else 'off'}",
-                             **r, "gpu_utilisation_pct": sampler.mean})
+                r = _gpu_run(model, root, config, decode)
+            gpu_rows.append({"system": f"freezeray featurize on GPU, decode={decode}", **r,
+                             "gpu_utilisation_pct": sampler.mean})
         with _GpuSampler() as sampler:
             gpu_base = baseline_featurize(frozen, paths, config.to_dict(), Path(tempfile.mkdtemp()), batch_size, workers,
                                           threads, device="cuda")
@@ -183,22 +238,41 @@ def run(images: int = 2000, batch_size: int = 64, threads: int | None = None, wo
                          "gpu_utilisation_pct": sampler.mean})
         result["gpu"] = gpu_rows
     else:
-        result["gpu"] = "no GPU on this machine: the GPU part was skipped"
+        result["gpu"] = ("no GPU on this machine: the GPU figures are still to be measured, with "
+                         "`python -m benchmarks.featurize --images 20000 --skip-cpu` on a GPU machine")
     return result
+
+
+def _gpu_run(model: Any, root: Path, config: Any, decode: str) -> dict[str, Any]:
+    import pipeline
+
+    out = Path(tempfile.mkdtemp(prefix="fr-bench-gpu-"))
+    try:
+        t = time.perf_counter()
+        fset = pipeline.featurize(model, str(root), str(out / "f"), preprocessing=config, decode=decode,
+                                  resources=pipeline.Resources(use_gpu=True))
+        seconds = time.perf_counter() - t
+        return {"seconds": seconds, "images_per_s": fset.rows / seconds, "rows": fset.rows}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def report(result: dict[str, Any]) -> str:
     lines = []
     if "cpu" in result:
+        startup = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}s" for k, v in result["startup"].items())
         lines += [
             table(result["cpu"], ["system", "images_per_s", "seconds", "steady_images_per_s", "fixed_startup_s"]),
-            f"ratio freezeray (default plan) / best plain PyTorch: {result['ratio']:.2f} end to end, "
-            f"{result['steady_ratio']:.2f} in steady state (goal >= 1.0)",
+            f"freezeray / best plain PyTorch: {result['ratio']:.2f} end to end, {result['steady_ratio']:.2f} in steady "
+            f"state (goal >= 1.3); freezeray / the model alone at its best: {result['ratio_to_limit']:.2f} end to end, "
+            f"{result['steady_ratio_to_limit']:.2f} in steady state (goal >= 0.85)",
+            "model alone, images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in result["limit"]["rates"].items()),
+            f"start-up parts: {startup}",
             "where the time goes (ms per image; decode stages on one core, the model on all threads): "
             + ", ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in result["stage_ms_per_image"].items()),
         ]
     if isinstance(result["gpu"], list):
-        lines.append(table(result["gpu"], ["system", "images_per_s", "steady_images_per_s", "gpu_utilisation_pct"]))
+        lines.append(table(result["gpu"], ["system", "images_per_s", "seconds", "gpu_utilisation_pct"]))
     else:
         lines.append(result["gpu"])
     return "\n".join(lines)
@@ -207,7 +281,7 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.featurize", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="the plain loop's batch size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: all cores, at most 8)")
     p.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's 224)")
