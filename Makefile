@@ -25,5 +25,5 @@ lint: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test,demo,lint]' --config-settings editable_mode=compat
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test,demo,lint,onnx]' --config-settings editable_mode=compat
 	touch $(STAMP)

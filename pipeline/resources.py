@@ -18,8 +18,11 @@ class Resources(Schema):
         >>> pipeline.fit_head(model, features, resources=Resources(num_workers=2, cpus_per_worker=2))
     """
 
-    num_workers: int | None = Field(default=None, ge=0)  # featurize/evaluate/predict: model actors (None: one per GPU, or one per node on CPU clusters); fit_head/finetune: Ray Train workers (0: local mode; None: automatic)
+    # featurize/evaluate/predict: model actors (None: one per GPU, or one per node on CPU
+    # clusters); fit_head/finetune: Ray Train workers (0: local mode; None: automatic)
+    num_workers: int | None = Field(default=None, ge=0)
     use_gpu: bool | None = None  # None: featurize/evaluate/predict use GPUs when the cluster has them, training does not
-    cpus_per_worker: float | None = Field(default=None, gt=0)  # CPUs Ray reserves per actor or worker; None: featurize: what decoding leaves; training: 1
+    # CPUs Ray reserves per actor or worker; None: featurize: what decoding leaves; training: 1
+    cpus_per_worker: float | None = Field(default=None, gt=0)
     gpus_per_worker: float | None = Field(default=None, ge=0)  # None: 1 with a GPU
     threads_per_worker: int | None = Field(default=None, gt=0)  # torch threads per CPU actor; None: the node's CPUs shared by its actors

@@ -52,7 +52,8 @@ class ImageSource:
     """A listed image set: one row per image with a stable row id."""
 
     uri: str  # the folder or manifest it was listed from
-    table: pa.Table = field(repr=False)  # columns: row_id (int64), path (full URI), label (int32, -1: none), size (int64, -1: unknown), error (str, "": fine)
+    # columns: row_id (int64), path (full URI), label (int32, -1: none), size (int64, -1: unknown), error (str, "": fine)
+    table: pa.Table = field(repr=False)
     classes: tuple[str, ...]  # class names by label index
     layout: str  # "folder" or "manifest"
     storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # never logged

@@ -68,6 +68,8 @@ class TransferLearning:
         self._model = model
         self._ops: list[E.Op] = []
         self._modules: dict[str, nn.Module] = {}  # live modules for add_layer/add_vertex, by vertex name
+        self._chain: list[str] | None = None  # the input model's layers, when addressed by index
+        self._removed_from_output = 0  # layers remove_layers_from_output/remove_output_layer took
 
     # -- recording ------------------------------------------------------------------------
     def _record(self, op: E.Op) -> "TransferLearning":
@@ -90,78 +92,124 @@ class TransferLearning:
             raise TypeError(f"fine_tune_configuration takes a FineTuneConfiguration, got {type(config).__name__}")
         return self._record(E.FineTuneOp(config=config))
 
-    def set_feature_extractor(self, *vertices: str) -> "TransferLearning":
+    def set_feature_extractor(self, *vertices: str | int) -> "TransferLearning":
         """Freeze ``vertices`` and all their ancestors; the frozen set becomes exactly that
-        (so this can also unfreeze)."""
+        (so this can also unfreeze). On a chain, ``set_feature_extractor(3)`` freezes layers
+        0-3 (DL4J's ``TransferLearning.Builder.setFeatureExtractor(3)``)."""
         if not vertices:
             raise ValueError("set_feature_extractor needs at least one vertex")
+        vertices = tuple(self._v(v) for v in vertices)
         for i, o in enumerate(self._ops):
             if isinstance(o, E.SetFeatureExtractor):
                 self._ops[i] = E.SetFeatureExtractor(vertices=sorted(set(o.vertices) | set(vertices)))
                 return self
         return self._record(E.SetFeatureExtractor(vertices=sorted(set(vertices))))
 
-    def freeze(self, *vertices: str) -> "TransferLearning":
+    def freeze(self, *vertices: str | int) -> "TransferLearning":
         """Freeze just these vertices (not their ancestors), on top of the frozen set."""
-        return self._record(E.Freeze(vertices=sorted(set(vertices))))
+        return self._record(E.Freeze(vertices=sorted({self._v(v) for v in vertices})))
 
-    def unfreeze(self, *vertices: str) -> "TransferLearning":
+    def unfreeze(self, *vertices: str | int) -> "TransferLearning":
         """Unfreeze these vertices; applied after every freezing op."""
-        return self._record(E.Unfreeze(vertices=sorted(set(vertices))))
+        return self._record(E.Unfreeze(vertices=sorted({self._v(v) for v in vertices})))
 
-    def n_out_replace(self, vertex: str, n_out: int, weight_init: Any = "xavier", fan_out_init: Any = None) -> "TransferLearning":
+    def n_out_replace(self, vertex: str | int, n_out: int, weight_init: Any = "xavier",
+                      fan_out_init: Any = None) -> "TransferLearning":
         """Give ``vertex`` ``n_out`` outputs (weights re-initialised with ``weight_init``)
         and carry the width forward to the next parametric layers, which are rebuilt with
         ``fan_out_init`` (default: ``weight_init``)."""
-        return self._record(E.NOutReplace(vertex=vertex, n_out=n_out, weight_init=weight_init,
+        return self._record(E.NOutReplace(vertex=self._v(vertex), n_out=n_out, weight_init=weight_init,
                                           fan_out_init=fan_out_init if fan_out_init is not None else weight_init))
 
-    def n_in_replace(self, vertex: str, n_in: int, weight_init: Any = "xavier") -> "TransferLearning":
+    def n_in_replace(self, vertex: str | int, n_in: int, weight_init: Any = "xavier") -> "TransferLearning":
         """Give ``vertex`` ``n_in`` inputs and fresh weights."""
-        return self._record(E.NInReplace(vertex=vertex, n_in=n_in, weight_init=weight_init))
+        return self._record(E.NInReplace(vertex=self._v(vertex), n_in=n_in, weight_init=weight_init))
 
-    def remove_vertex_keep_connections(self, vertex: str) -> "TransferLearning":
+    def remove_vertex_keep_connections(self, vertex: str | int) -> "TransferLearning":
         """Remove ``vertex`` but keep its place: a vertex added later under the same name
         takes its place among its consumers and the outputs, and its inputs unless it
         names its own. ``build()`` fails if nothing takes the place of a vertex that
         something still reads."""
-        return self._record(E.RemoveVertexKeepConnections(vertex=vertex))
+        return self._record(E.RemoveVertexKeepConnections(vertex=self._v(vertex)))
 
-    def remove_vertex_and_connections(self, vertex: str) -> "TransferLearning":
+    def remove_vertex_and_connections(self, vertex: str | int) -> "TransferLearning":
         """Remove ``vertex`` and every vertex computed from it, directly or not (each of
         them needs its output), and drop all of those from the model's outputs. Vertices
         that only fed ``vertex`` stay (dead ones are removed at the end of ``build()``, as
         always). Example: on VGG16, ``remove_vertex_and_connections("fc2")`` removes
         ``fc2`` and ``predictions``; ``fc1`` stays, and the model has no output until
         ``add_layer``/``set_outputs`` give it one."""
-        return self._record(E.RemoveVertexAndConnections(vertex=vertex))
+        return self._record(E.RemoveVertexAndConnections(vertex=self._v(vertex)))
 
-    def add_layer(self, name: str, layer: nn.Module, *inputs: str) -> "TransferLearning":
+    def remove_output_layer(self) -> "TransferLearning":
+        """DL4J's ``removeOutputLayer()`` on a chain: remove its last layer (and what follows
+        it); ``add_layer(layer)`` then appends a new one."""
+        return self.remove_layers_from_output(1)
+
+    def remove_layers_from_output(self, n: int) -> "TransferLearning":
+        """DL4J's ``removeLayersFromOutput(n)`` on a chain: remove its last ``n`` layers."""
+        chain = self._layers()
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= len(chain):
+            raise ValueError(f"remove_layers_from_output takes 1..{len(chain)} (the chain's layers), got {n!r}")
+        self._removed_from_output += n
+        return self._record(E.RemoveVertexAndConnections(vertex=chain[-n]))
+
+    def add_layer(self, name: str | nn.Module, layer: nn.Module | None = None, *inputs: str | int) -> "TransferLearning":
         """Add ``layer`` as vertex ``name`` after ``inputs`` (several inputs are concatenated
-        along dim 1 first, like DL4J's automatic MergeVertex). ``n_in`` is inferred."""
-        return self._add("add_layer", name, layer, inputs)
+        along dim 1 first, like DL4J's automatic MergeVertex). ``n_in`` is inferred.
 
-    def add_vertex(self, name: str, vertex: nn.Module, *inputs: str) -> "TransferLearning":
+        On a chain, ``add_layer(layer)`` (DL4J's ``TransferLearning.Builder.addLayer``)
+        appends ``layer`` after the last layer left once removals are done, in call order;
+        it is named by its index (``"7"``), as ``nn.Sequential`` names its children."""
+        if isinstance(name, nn.Module) and layer is None and not inputs:
+            chain = self._layers()
+            appended = sum(1 for o in self._ops if isinstance(o, E.AddLayer) and o.append)
+            index = len(chain) - self._removed_from_output + appended
+            return self._add("add_layer", str(index), name, (), append=True)
+        if layer is None:
+            raise TypeError("add_layer takes (name, layer, *inputs), or (layer) to append to a chain")
+        return self._add("add_layer", str(name), layer, tuple(self._v(i) for i in inputs))
+
+    def add_vertex(self, name: str, vertex: nn.Module, *inputs: str | int) -> "TransferLearning":
         """Add a vertex (``surgery.vertices.Merge``, ``ElementWise``, ``Subset``, ... or any
         module) that takes ``inputs`` as separate arguments."""
-        return self._add("add_vertex", name, vertex, inputs)
+        return self._add("add_vertex", name, vertex, tuple(self._v(i) for i in inputs))
 
-    def _add(self, kind: str, name: str, module: nn.Module, inputs: tuple[str, ...]) -> "TransferLearning":
+    def _add(self, kind: str, name: str, module: nn.Module, inputs: tuple[str, ...],
+             append: bool = False) -> "TransferLearning":
         if not isinstance(module, nn.Module):
             raise TypeError(f"{kind}({name!r}): expected a torch.nn.Module, got {type(module).__name__}")
         spec = describe(module)
         layer_class = None if spec is not None else f"{type(module).__module__}.{type(module).__qualname__}"
         if kind == "add_layer":
-            op: E.Op = E.AddLayer(name=name, layer=spec, inputs=list(inputs), layer_class=layer_class)
+            op: E.Op = E.AddLayer(name=name, layer=spec, inputs=list(inputs), layer_class=layer_class, append=append)
         else:
             op = E.AddVertex(name=name, vertex=spec, inputs=list(inputs), layer_class=layer_class)
         self._record(op)
         self._modules[name] = module
         return self
 
-    def set_outputs(self, *vertices: str) -> "TransferLearning":
+    def set_outputs(self, *vertices: str | int) -> "TransferLearning":
         """Make ``vertices`` the model's outputs, in this order."""
-        return self._record(E.SetOutputs(vertices=list(vertices)))
+        return self._record(E.SetOutputs(vertices=[self._v(v) for v in vertices]))
+
+    # -- layer indices (DL4J's TransferLearning.Builder, for chains) ----------------------
+    def _layers(self) -> list[str]:
+        if self._chain is None:
+            self._chain = layer_chain(self._model)
+        return self._chain
+
+    def _v(self, vertex: str | int) -> str:
+        """A vertex name, or a layer index resolved on the input model's chain."""
+        if isinstance(vertex, bool) or not isinstance(vertex, (str, int)):
+            raise TypeError(f"a vertex is a name or (on a chain) a layer index, got {vertex!r}")
+        if isinstance(vertex, str):
+            return vertex
+        chain = self._layers()
+        if not -len(chain) <= vertex < len(chain):
+            raise VertexError(f"layer index {vertex} is out of range: the chain has {len(chain)} layers "
+                              f"(0-{len(chain) - 1}); surgery.summary(model) numbers them")
+        return chain[vertex]
 
     def extend(self, ops: list[Any]) -> "TransferLearning":
         """Record ops given as data: :mod:`surgery.edits` objects, recipe dicts, or a
@@ -192,6 +240,37 @@ class TransferLearning:
         return apply_ops(model, self._ops, modules)
 
 
+def layer_chain(model: fx.GraphModule) -> list[str]:
+    """The layers of a chain model, in order: its module vertices (DL4J's layers of a
+    ``MultiLayerNetwork``; functions between them, such as ``F.relu``, are not layers).
+
+    Raises:
+        VertexError: the graph is not a chain (a vertex with two inputs or two users).
+    """
+    from collections import Counter
+
+    nodes = [n for n in model.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    calls = Counter(n.target for n in nodes if n.op == "call_module")
+    for n in nodes:
+        inputs = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        if len(inputs) != 1 or len(n.users) > 1:
+            raise VertexError(
+                f"{get_info(model).name} is not a chain (vertex {vertex_of(n, calls)!r} has {len(inputs)} inputs and "
+                f"{len(n.users)} users), so its layers have no index; use vertex names (surgery.vertex_names(model))")
+    return [vertex_of(n, calls) for n in nodes if n.op == "call_module"]
+
+
+def _chain_end(model: fx.GraphModule) -> str:
+    """The last vertex of a chain being edited (after removals): where a layer is appended."""
+    from collections import Counter
+
+    nodes = [n for n in model.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    if not nodes:
+        return next(n.name for n in model.graph.nodes if n.op == "placeholder")
+    calls = Counter(n.target for n in nodes if n.op == "call_module")
+    return vertex_of(nodes[-1], calls)
+
+
 def _key(op: E.Op) -> str | None:
     return getattr(op, "vertex", None) if isinstance(getattr(op, "vertex", None), str) else getattr(op, "name", None)
 
@@ -205,7 +284,8 @@ def _canonical(model: fx.GraphModule, ops_: list[E.Op]) -> list[E.Op]:
         v = table.get(vertex)
         return position[v.nodes[0].name] if v is not None else len(position)
 
-    adds = [o for o in ops_ if isinstance(o, (E.AddLayer, E.AddVertex))]
+    appends = [o for o in ops_ if isinstance(o, E.AddLayer) and o.append]  # last, in call order
+    adds = [o for o in ops_ if isinstance(o, (E.AddLayer, E.AddVertex)) and o not in appends]
     added = {o.name for o in adds}
     ordered_adds: list[E.Op] = []
     done: set[str] = set()
@@ -223,7 +303,7 @@ def _canonical(model: fx.GraphModule, ops_: list[E.Op]) -> list[E.Op]:
                              o.op))
     before = [o for o in rest if o.phase < 3]
     after = [o for o in rest if o.phase > 3]
-    return before + ordered_adds + after
+    return before + ordered_adds + appends + after
 
 
 def apply_ops(model: fx.GraphModule, ops_: Sequence[E.Op | dict[str, Any]],
@@ -262,7 +342,11 @@ def apply_ops(model: fx.GraphModule, ops_: Sequence[E.Op | dict[str, Any]],
                 if spec is None:
                     raise ValueError(f"{o.op}({o.name!r}): the recipe has no description of its module")
                 module = build_module(spec)
-            ops.add_module_(model, o.name, module, o.inputs, merge=isinstance(o, E.AddLayer), seed=seed)
+            appending = isinstance(o, E.AddLayer) and o.append
+            inputs = [_chain_end(model)] if appending else o.inputs
+            ops.add_module_(model, o.name, module, inputs, merge=isinstance(o, E.AddLayer), seed=seed)
+            if appending:  # the appended layer is the chain's new end, and its output
+                ops.set_outputs_(model, [o.name])
         elif isinstance(o, E.SetOutputs):
             ops.set_outputs_(model, o.vertices)
     ops.finish_(model)

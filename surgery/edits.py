@@ -169,7 +169,7 @@ class _Add(Op):
         return list(self.inputs)
 
     def spec(self) -> dict[str, Any] | None:
-        raise NotImplementedError
+        raise NotImplementedError  # each add op says which of its fields is the module
 
 
 def _module_spec(v: Any) -> Any:
@@ -192,6 +192,7 @@ class AddLayer(_Add):
 
     op: Literal["add_layer"] = "add_layer"
     layer: dict[str, Any] | None  # surgery.specs.describe(module): {"type": "Dense", "n_out": 256, ...}
+    append: bool = False  # on a chain: after the last layer left (DL4J's Builder.addLayer), in call order
 
     @field_validator("layer")
     @classmethod

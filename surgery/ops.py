@@ -62,8 +62,10 @@ torch.fx.wrap("_removed")
 
 def check_name(gm: fx.GraphModule, name: str, table: dict | None = None, allow_hole: bool = True) -> None:
     """A new vertex name must be a plain identifier that names nothing in the graph yet."""
-    if not isinstance(name, str) or not _NAME.match(name) or keyword.iskeyword(name):
-        raise VertexError(f"vertex name {name!r} is not valid: use letters, digits and '_' (no dots), not starting with a digit")
+    plain = isinstance(name, str) and ((_NAME.match(name) and not keyword.iskeyword(name)) or name.isdigit())
+    if not plain:
+        raise VertexError(f"vertex name {name!r} is not valid: use letters, digits and '_' (no dots), not starting with "
+                          "a digit, or only digits (as nn.Sequential names its children)")
     if allow_hole and _hole(gm, name) is not None:
         return
     table = table if table is not None else vertex_table(gm)
@@ -103,9 +105,16 @@ def _set_output_list(gm: fx.GraphModule, nodes: list[fx.Node], as_tuple: bool) -
 
 
 def _erase_(gm: fx.GraphModule, nodes: set[fx.Node]) -> None:
+    """Erase ``nodes``, and the modules no other node calls any more (so their names are
+    free for new vertices). This is done in place."""
+    targets = {str(n.target) for n in nodes if n.op == "call_module"}
     for n in reversed(list(gm.graph.nodes)):
         if n in nodes:
             gm.graph.erase_node(n)
+    still = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for target in sorted(targets - still, key=len, reverse=True):
+        if "." not in target:  # a top-level module; nested ones go with delete_all_unused_submodules
+            gm.delete_submodule(target)
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,7 +275,8 @@ def _channelwise_pending(module: Any, name: str) -> Pending:
 def _layer_node(gm: fx.GraphModule, vertex: str, op: str) -> tuple[fx.Node, nn.Module]:
     v = resolve(gm, vertex)
     if v.kind != "layer" or len(v.nodes) != 1:
-        what = {"container": f"a container of {len(v.nodes)} nodes", "op": "a function", "input": "the input"}.get(v.kind, "a layer called more than once")
+        kinds = {"container": f"a container of {len(v.nodes)} nodes", "op": "a function", "input": "the input"}
+        what = kinds.get(v.kind, "a layer called more than once")
         raise VertexError(f"{op} needs a layer with weights (Linear, Conv, Dense, Output, Convolution); {vertex!r} is {what}")
     node = v.nodes[0]
     module = gm.get_submodule(str(node.target))

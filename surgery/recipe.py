@@ -28,8 +28,8 @@ _ATTR = "_freezeray_info"
 class ModelInfo:
     """The recipe of a model, as data."""
 
-    name: str  # zoo name of the base model
-    weights: str | None  # the base weights as asked for: None, "imagenet", or a path/URI
+    name: str  # zoo name of the base model (or the module's name, for from_module and import_onnx)
+    weights: str | None  # the base weights as asked for: None, "imagenet", an enum name, or a path/URI
     base_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments given to zoo.load
     stages: tuple[tuple[Any, ...], ...] = ()  # builder ops (surgery.edits objects), one tuple per build()
     frozen: tuple[str, ...] = ()  # names of the frozen graph nodes
@@ -37,6 +37,7 @@ class ModelInfo:
     losses: dict[str, str] = field(default_factory=dict)  # output vertex -> loss name
     preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)  # how images become inputs
     classes: tuple[str, ...] | None = None  # class names of the (first) output, when known
+    origin: str = "zoo"  # where the base graph comes from: "zoo", "module" (from_module) or "onnx" (import_onnx)
 
     def with_(self, **changes: Any) -> "ModelInfo":
         return replace(self, **changes)

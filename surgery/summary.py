@@ -22,6 +22,7 @@ class SummaryRow:
     output_shape: object  # (B, ...) for a batch of 2, or a tuple of shapes
     params: int  # parameters of its module (counted at its first call only)
     frozen: bool  # whether the vertex is frozen
+    index: int | None = None  # the layer's index on a chain model (DL4J's MultiLayerNetwork), else None
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,13 @@ class Summary:
     frozen_params: int
 
     def __str__(self) -> str:
-        header = ("vertex", "op", "inputs", "output shape", "params", "frozen")
-        body = [(r.vertex, r.op, ", ".join(r.inputs), str(r.output_shape), f"{r.params:,}", "frozen" if r.frozen else "")
-                for r in self.rows]
+        header: tuple[str, ...] = ("vertex", "op", "inputs", "output shape", "params", "frozen")
+        body: list[tuple[str, ...]] = [
+            (r.vertex, r.op, ", ".join(r.inputs), str(r.output_shape), f"{r.params:,}", "frozen" if r.frozen else "")
+            for r in self.rows]
+        if any(r.index is not None for r in self.rows):  # a chain: its layers' indices first
+            header = ("index", *header)
+            body = [("" if r.index is None else str(r.index), *b) for r, b in zip(self.rows, body)]
         widths = [min(48, max(len(h), *(len(b[i]) for b in body))) for i, h in enumerate(header)] if body else [len(h) for h in header]
         line = lambda cells: "  ".join(str(c)[:w].ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         rule = "-" * len(line(header))
@@ -48,7 +53,8 @@ class Summary:
 
 
 def summary(model: fx.GraphModule) -> Summary:
-    """A table of ``model``'s vertices and parameter totals; ``print()`` it.
+    """A table of ``model``'s vertices and parameter totals; ``print()`` it. On a chain
+    model, each layer's index (what DL4J's sequential builder addresses) comes first.
 
     Example:
         >>> print(surgery.summary(surgery.zoo.load("vgg16")))
@@ -60,6 +66,7 @@ def summary(model: fx.GraphModule) -> Summary:
     frozen = set(info.frozen)
     calls = Counter(n.target for n in nodes if n.op == "call_module")
     counted: set[str] = set()
+    indices = _layer_indices(model)
     rows = []
     for n in nodes:
         params = 0
@@ -77,7 +84,21 @@ def summary(model: fx.GraphModule) -> Summary:
             op = str(n.target)
         shape = node_shape(n) if n.op != "placeholder" else (2, *info.preprocessing.input_size)
         rows.append(SummaryRow(vertex_of(n, calls), op, tuple(vertex_of(a, calls) for a in n.all_input_nodes),
-                               shape, params, n.name in frozen))
+                               shape, params, n.name in frozen, indices.get(n.name)))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Summary(info.name, tuple(rows), total, trainable, total - trainable)
+
+
+def _layer_indices(model: fx.GraphModule) -> dict[str, int]:
+    """Node name -> layer index on a chain model; empty for any other graph."""
+    from .builder import layer_chain
+    from .graph import VertexError
+
+    try:
+        chain = layer_chain(model)
+    except VertexError:
+        return {}
+    calls = Counter(n.target for n in model.graph.nodes if n.op == "call_module")
+    by_vertex = {vertex_of(n, calls): n.name for n in model.graph.nodes if n.op == "call_module"}
+    return {by_vertex[v]: i for i, v in enumerate(chain)}

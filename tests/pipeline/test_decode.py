@@ -8,9 +8,9 @@ import io
 import numpy as np
 import pytest
 import torch
+from imagesets import bad_files, draw, encode, write_folder
 from PIL import Image
 
-from imagesets import bad_files, draw, encode, write_folder
 from pipeline import Resources, featurize
 from pipeline.decode import PIXEL_TOLERANCE, decode_batch, is_jpeg, mean_difference
 from surgery import PreprocessConfig
