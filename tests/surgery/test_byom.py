@@ -179,7 +179,7 @@ def test_onnx_from_object_storage_with_preprocessing_in_its_metadata(lite0_onnx,
     wanted = {"input_size": [3, 224, 224], "crop_pct": 0.9, "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5],
               "std": [0.5, 0.5, 0.5]}
     onnx.helper.set_model_props(proto, {PREPROCESSING_KEY: json.dumps(wanted)})
-    uri = f"{s3_bucket}/keras/lite0.onnx"
+    uri = f"s3://{s3_bucket}/keras/lite0.onnx"
     storage.write_bytes(uri, proto.SerializeToString(), storage_options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
