@@ -19,6 +19,7 @@ Nothing here starts Ray (``ray.init`` is never called).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -71,6 +72,12 @@ def _skeleton(cfg: RunConfig, problems: list[str]) -> fx.GraphModule | None:
         except Exception as exc:
             problems.append(f"model.load: cannot read {uri!r}: {exc}")
             return None
+        if recipe.get("base", {}).get("origin", "zoo") != "zoo":  # an ONNX or from_module graph: the real one
+            try:
+                return surgery.load(uri, opts)
+            except Exception as exc:
+                problems.append(f"model.load: the saved model at {uri!r} cannot be rebuilt: {_short(exc)}")
+                return None
         try:
             base = recipe["base"]
             model = surgery.zoo.skeleton(base["name"], **dict(base.get("kwargs", {})))
@@ -83,6 +90,17 @@ def _skeleton(cfg: RunConfig, problems: list[str]) -> fx.GraphModule | None:
         except Exception as exc:
             problems.append(f"model.load: the saved model at {uri!r} cannot be rebuilt: {exc}")
             return None
+    if m.base == "onnx":  # DL4J's model import: the graph is in the file
+        if m.weights is None:
+            problems.append("model.weights: model.base 'onnx' needs the .onnx file's path or URI in model.weights")
+            return None
+        try:
+            return surgery.import_onnx(_resolve(cfg, m.weights), storage_options=opts, **m.kwargs)
+        except FileNotFoundError:
+            problems.append(f"model.weights: ONNX file {_resolve(cfg, m.weights)!r} does not exist")
+        except Exception as exc:
+            problems.append(f"model.weights: {_short(exc)}")
+        return None
     try:
         model = surgery.zoo.skeleton(m.base, **m.kwargs)
     except ValueError as exc:
@@ -109,10 +127,10 @@ def _check_weights(cfg: RunConfig, problems: list[str]) -> None:
     weights = cfg.model.weights
     if weights is None:
         return
-    if weights == "imagenet":
+    if zoo._is_weights_name(weights):  # "imagenet" or an enum name such as IMAGENET1K_V1
         entry = zoo._entry(cfg.model.base)
         if entry.imagenet is None:
-            problems.append(f"model.weights: zoo model {cfg.model.base!r} has no ImageNet weights; give a path/URI")
+            problems.append(f"model.weights: zoo model {cfg.model.base!r} has no named weights ({weights!r}); give a path/URI")
         return
     uri = _resolve(cfg, weights)
     try:
@@ -159,8 +177,11 @@ def _check_surgery(cfg: RunConfig, model: fx.GraphModule, problems: list[str]) -
             bad = True
         if not bad:
             usable.append(op)
+    # a zoo skeleton lives on the meta device; an ONNX graph computes shapes from tensor
+    # values (its padding), so it is built for real (it was loaded to be checked anyway)
+    real = any(p.device.type != "meta" for p in model.parameters())
     try:
-        with torch.device("meta"):
+        with contextlib.nullcontext() if real else torch.device("meta"):
             builder = TransferLearning(copy.deepcopy(model))
             if cfg.fine_tune is not None:
                 builder.fine_tune_configuration(FineTuneConfiguration.from_dict(cfg.fine_tune.to_dict()))

@@ -67,8 +67,8 @@ class ConfigError(ValueError):
 
 
 class ModelSection(Schema):
-    base: str | None = None  # zoo name (None when starting from a saved model)
-    weights: str | None = None  # None, "imagenet", or a path/URI
+    base: str | None = None  # zoo name, "timm/<architecture>" or "onnx" (None when starting from a saved model)
+    weights: str | None = None  # None, "imagenet", an enum name (IMAGENET1K_V1), or a path/URI (the .onnx file for base: onnx)
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to surgery.zoo.load
     load: str | None = None  # a saved model (surgery.save) to start from instead of the zoo
 

@@ -44,3 +44,25 @@ def test_storage_benchmark():
     f16, f32 = result["rows"]
     assert f16["raw_feature_bytes"] * 2 == f32["raw_feature_bytes"] and 0.45 < result["float16_over_float32"] < 0.56
     assert "float16 / float32" in storage.report(result)
+
+
+@pytest.mark.slow
+def test_driver_benchmark(ray_session):
+    from benchmarks import driver
+
+    result = driver.run(images=6, image_size=32)
+    narrow, wide, more = result["rows"]
+    assert (narrow["rows"], wide["rows"], more["rows"]) == (6, 6, 18)
+    assert wide["feature_bytes_per_row"] > 10 * narrow["feature_bytes_per_row"] / 2  # 512 vs 1,280 values at 32 px
+    assert wide["driver_received_bytes_per_row"] == pytest.approx(narrow["driver_received_bytes_per_row"], rel=0.2)
+    assert "driver received" in driver.report(result)
+
+
+@pytest.mark.slow
+def test_nodes_benchmark():
+    from benchmarks import nodes
+
+    result = nodes.run(images=8, nodes=2, image_size=32)
+    single, cluster = result["rows"]
+    assert single["rows"] == cluster["rows"] == 8 and single["writer_nodes"] == 1
+    assert "cluster / single node" in nodes.report(result)

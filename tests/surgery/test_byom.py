@@ -286,3 +286,23 @@ def test_remove_layers_from_output_and_add_layer_build_what_named_ops_build():
 def test_indices_on_a_graph_that_is_not_a_chain_say_to_use_names(lite0_imagenet):
     with pytest.raises(VertexError, match="not a chain.*vertex names"):
         TransferLearning(lite0_imagenet).set_feature_extractor(3)
+
+
+def test_a_run_config_with_an_onnx_base_is_checked_against_its_node_names(lite0_onnx, tmp_path, capsys):
+    import yaml
+
+    from jobs.cli import main
+
+    write_folder(tmp_path / "images", per_class=3, size=24, seed=1, odd_modes=False)
+    config = {"model": {"base": "onnx", "weights": str(lite0_onnx), "kwargs": {"preprocessing": {"input_size": [3, 224, 224]}}},
+              "surgery": [{"set_feature_extractor": "flatten/Flatten"}, {"remove_vertex_and_connections": "classifier/Gemm"},
+                          {"add_layer": {"name": "head", "layer": {"type": "Output", "n_out": 3}, "inputs": ["flatten/Flatten"]}},
+                          {"set_outputs": ["head"]}],
+              "data": {"train": str(tmp_path / "images")}, "featurize": {"output": str(tmp_path / "f")}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["check", str(path)]) == 0, capsys.readouterr().err
+    config["surgery"][0] = {"set_feature_extractor": "flatten/Flaten"}
+    path.write_text(yaml.safe_dump(config))
+    assert main(["check", str(path)]) == 2
+    assert "surgery[0].set_feature_extractor: vertex 'flatten/Flaten' is not in" in capsys.readouterr().err
