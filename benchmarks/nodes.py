@@ -37,7 +37,7 @@ if nodes:
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
 else:
-    ray.init(num_cpus=cpus, log_to_driver=False, include_dashboard=False)
+    ray.init(address="local", num_cpus=cpus, log_to_driver=False, include_dashboard=False)
 from ray.data import DataContext
 DataContext.get_current().enable_progress_bars = False
 import pipeline
@@ -51,20 +51,24 @@ for shard in fset.shards:
         per_node[part.node] = per_node.get(part.node, 0) + part.rows
 print("RESULT " + json.dumps({"rows": fset.rows, "seconds": seconds, "rows_per_node": per_node,
                               "nodes_alive": len([n for n in ray.nodes() if n["Alive"]])}))
+ray.shutdown()
+if nodes:
+    cluster.shutdown()
 """
 
 
-def _run(root: Path, out: Path, nodes: int, cpus: int, image_size: int) -> dict[str, Any]:
+def _run(root: Path, out: Path, nodes: int, cpus: int, image_size: int, timeout: float) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-c", _DRIVER, str(root), str(out), str(nodes), str(cpus), str(image_size)],
-                          capture_output=True, text=True, env=env, timeout=1800)
+                          capture_output=True, text=True, env=env, timeout=timeout)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode or line is None:
-        raise RuntimeError(f"the featurize driver failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln]
+        raise RuntimeError(f"the featurize driver failed ({proc.returncode}):\n" + "\n".join(errors[-20:]))
     return json.loads(line.removeprefix("RESULT "))
 
 
-def run(images: int = 400, nodes: int = 2, image_size: int = 0) -> dict[str, Any]:
+def run(images: int = 400, nodes: int = 2, image_size: int = 0, timeout: float = 1800) -> dict[str, Any]:
     import shutil
     import tempfile
 
@@ -75,7 +79,7 @@ def run(images: int = 400, nodes: int = 2, image_size: int = 0) -> dict[str, Any
     for label, n in (("single node, all cores", 0), (f"cluster: head (0 CPUs) + {nodes} nodes", nodes)):
         out = Path(tempfile.mkdtemp(prefix="fr-nodes-"))
         try:
-            r = _run(root, out / "f", n, cpus, image_size)
+            r = _run(root, out / "f", n, cpus, image_size, timeout)
         finally:
             shutil.rmtree(out, ignore_errors=True)
         placement = ", ".join(f"{node[:8]}: {count}" for node, count in sorted(r["rows_per_node"].items()))

@@ -196,7 +196,7 @@ def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batc
     else:
         src = data if isinstance(data, ImageSource) else read_images(str(data), storage_options, classes=classes)
         config = model_preprocessing(model, None, image_size)
-        ds = decode_dataset(src.table, config, src.storage_options)
+        ds = decode_dataset(src.table, config, src.storage_options, num_cpus=pool.decode_cpus)
         kwargs = {"model": [ray.put(model)], "inputs": "pixels", "loss": specs[0].to_dict(), "preprocessing": config.to_dict()}
         memory = actor_memory(model, config, batch_size)
         names, what = src.classes, f"images {src.uri}"

@@ -378,10 +378,11 @@ def featurize(
             call_rows = min(rows_per_shard, max(batch, SLICE_ROWS if pool.gpus > 0 else SLICE_ROWS // 4))
             block = min(rows_per_shard, 4 * decode_batch_size)
             if gpu_decode:
-                ds = bytes_dataset(table, src.storage_options, decode_batch_size, rows_per_block=block)
+                ds = bytes_dataset(table, src.storage_options, decode_batch_size, rows_per_block=block,
+                                   num_cpus=pool.decode_cpus)
             else:
                 ds = decode_dataset(table, config, src.storage_options, decode_batch_size, rows_per_block=block,
-                                    max_pixels=max_image_pixels)
+                                    max_pixels=max_image_pixels, num_cpus=pool.decode_cpus)
             writer = PartWriter(output, storage_options, ("row_id", "path", "label", *(_column(i, len(shapes))
                                                                                         for i in range(len(shapes)))),
                                 lease.owner)

@@ -64,6 +64,7 @@ class ActorPlan:
     gpus: float  # GPUs per actor (0 on CPU)
     cpus: float  # CPUs Ray reserves per actor (logical)
     threads: int | None  # torch intra-op threads per CPU actor (None on GPU)
+    decode_cpus: float = 1.0  # CPUs each read/decode task asks for (less on 1-CPU nodes, so they still fit)
 
 
 def plan_actors(resources: Any = None) -> ActorPlan:
@@ -74,7 +75,9 @@ def plan_actors(resources: Any = None) -> ActorPlan:
     one actor per node whose torch threads use the node's CPUs: measured on 2 and 16
     cores, several single-threaded actors on a node were no faster in steady state
     (within the ±15% run-to-run noise of those machines) and each one adds its start-up.
-    CPU reservations leave one CPU per node for the decode tasks.
+    CPU reservations leave one CPU per node for the decode tasks; on nodes with a single
+    CPU the actor reserves a quarter and the decode tasks three quarters (both would wait
+    for each other forever if each asked for a whole CPU).
     """
     from .resources import Resources
 
@@ -89,7 +92,8 @@ def plan_actors(resources: Any = None) -> ActorPlan:
         nodes = cpu_nodes()
         per_node = min(nodes)
         cpus = r.cpus_per_worker if r.cpus_per_worker is not None else max(0.25, per_node - 1.0)
-        return ActorPlan(len(nodes), 0.0, cpus, r.threads_per_worker or max(1, int(per_node)))
+        decode = max(0.25, min(1.0, per_node - cpus))
+        return ActorPlan(len(nodes), 0.0, cpus, r.threads_per_worker or max(1, int(per_node)), decode)
     num_actors = r.num_workers if r.num_workers is not None else max(1, int(cluster_gpus() // gpus))
     if num_actors <= 0:
         raise ValueError(f"num_workers must be a positive integer for model actors, got {num_actors!r}")

@@ -363,9 +363,9 @@ def readable(errors: Sequence[str]) -> np.ndarray:
 
 def decode_dataset(table: pa.Table, config: PreprocessConfig, storage_options: dict[str, Any] | None,
                    batch_size: int = 32, rows_per_block: int | None = None, augment: bool = False,
-                   seed: int = 0, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Any:
+                   seed: int = 0, max_pixels: int | None = MAX_IMAGE_PIXELS, num_cpus: float = 1.0) -> Any:
     """The rows of ``table`` (``row_id``, ``path``, ...) as a Ray Dataset decoded by
-    :func:`read_and_decode` in tasks of their own (one CPU, ``decode_memory``), ready for
+    :func:`read_and_decode` in tasks of their own (``num_cpus``, ``decode_memory``), ready for
     a model stage. Blocks of ``rows_per_block`` rows (default: four decode batches) let
     the decode tasks run in parallel from the start."""
     import ray.data
@@ -375,11 +375,11 @@ def decode_dataset(table: pa.Table, config: PreprocessConfig, storage_options: d
     return ds.map_batches(read_and_decode, batch_size=batch_size, batch_format="numpy",
                           fn_kwargs={"preprocessing": config.to_dict(), "storage_options": storage_options,
                                      "augment": augment, "seed": seed, "max_pixels": max_pixels},
-                          num_cpus=1, memory=decode_memory(config, batch_size))
+                          num_cpus=num_cpus, memory=decode_memory(config, batch_size))
 
 
 def bytes_dataset(table: pa.Table, storage_options: dict[str, Any] | None, batch_size: int = 32,
-                  rows_per_block: int | None = None) -> Any:
+                  rows_per_block: int | None = None, num_cpus: float = 1.0) -> Any:
     """The rows of ``table`` as a Ray Dataset of undecoded file bytes (``data``), read by
     :func:`read_files` in tasks of their own."""
     import ray.data
@@ -387,7 +387,7 @@ def bytes_dataset(table: pa.Table, storage_options: dict[str, Any] | None, batch
     chunk = max(1, rows_per_block or 4 * batch_size)
     ds = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, table.num_rows, chunk)])
     return ds.map_batches(read_files, batch_size=batch_size, batch_format="numpy",
-                          fn_kwargs={"storage_options": storage_options}, num_cpus=1, memory=512 * 2**20)
+                          fn_kwargs={"storage_options": storage_options}, num_cpus=num_cpus, memory=512 * 2**20)
 
 
 def _drop_errors(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

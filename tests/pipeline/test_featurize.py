@@ -190,3 +190,13 @@ def test_actor_plan_defaults_to_one_actor_per_node_using_its_cores(ray_session):
     for bad in (-1, 1.5, "two"):
         with pytest.raises(ValueError, match="num_workers"):
             Resources(num_workers=bad)
+
+
+def test_on_single_cpu_nodes_the_actor_and_a_decode_task_fit_together(monkeypatch):
+    import pipeline.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_nodes", lambda: [1.0, 1.0])
+    plan = runtime.plan_actors()  # each asking for a whole CPU, they would wait for each other forever
+    assert (plan.actors, plan.threads) == (2, 1) and plan.cpus + plan.decode_cpus <= 1.0 and plan.decode_cpus > 0
+    monkeypatch.setattr(runtime, "cpu_nodes", lambda: [4.0])
+    assert (runtime.plan_actors().cpus, runtime.plan_actors().decode_cpus) == (3.0, 1.0)
