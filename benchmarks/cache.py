@@ -2,7 +2,7 @@
 against N epochs of training the frozen model end to end from the images with a plain
 PyTorch loop, for N = 1, 3, 10, back to back in one process.
 
-    python -m benchmarks.cache [--images 300] [--epochs 1 3 10]
+    python -m benchmarks.cache [--images 600] [--epochs 1 3 10]
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class _LabelledFiles(_Files):
         return super().__getitem__(i), self.labels[i]
 
 
-def run(images: int = 300, epoch_counts: tuple[int, ...] = (1, 3, 10), batch_size: int = 64, num_workers: int | None = None,
+def run(images: int = 600, epoch_counts: tuple[int, ...] = (1, 3, 10), batch_size: int = 64, num_workers: int | None = None,
         threads: int | None = None, image_size: int | None = None) -> dict[str, Any]:
     import pipeline
 
@@ -132,7 +132,7 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cache", description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--images", type=int, default=600)
     p.add_argument("--epochs", type=int, nargs="+", default=[1, 3, 10])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--fit-workers", type=int, default=None, help="Ray Train workers (default: automatic, local mode here)")

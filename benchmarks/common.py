@@ -75,7 +75,9 @@ def _jpeg(args: tuple[str, int, int, int, int]) -> None:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(buf.getvalue())
+    tmp = Path(f"{path}.part")  # written whole or not at all: an interrupted run leaves no empty JPEG to keep
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
 
 
 def write_jpegs(root: Path, count: int, classes: int = 4, seed: int = 0, min_side: int = 256, max_side: int = 500) -> list[Path]:

@@ -70,9 +70,17 @@ def run(trials: int = 16, seed: int = 0) -> dict[str, Any]:
              "best_val_loss": float(result.table["val_loss"].min()), "epochs": int(result.table["epochs"].sum())},
             {"system": f"{trials} x fit_head, one after the other (local mode)", "seconds": serial_s,
              "best_val_loss": float(best_loss)}]
-    return {"settings": {"trials": trials, "space": {k: str(v) for k, v in space.items()}, "rows": features.rows},
+    return {"settings": {"trials": trials, "space": {k: _describe(v) for k, v in space.items()}, "rows": features.rows},
             "rows": rows, "featurize_s": featurize_s, "ended_by": ended, "speed_up": serial_s / sweep_s,
             "best_config": result.best_config}
+
+
+def _describe(domain: Any) -> str:
+    """A Tune domain as text: ``choice([0.0, 0.2])``, ``LogUniform(0.0001, 0.1)``."""
+    if hasattr(domain, "categories"):
+        return f"choice({list(domain.categories)})"
+    sampler = type(getattr(domain, "sampler", None)).__name__.removeprefix("_")
+    return f"{sampler}({domain.lower}, {domain.upper})"
 
 
 def surgery_with(model: Any, settings: dict[str, Any]) -> Any:

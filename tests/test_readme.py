@@ -1,0 +1,121 @@
+"""The README stays true: every public name its Python examples use exists and takes the
+keyword arguments they pass, every `freezeray` command it shows is one, every `make`
+target exists, and every repository path it names is there."""
+
+import ast
+import importlib
+import inspect
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PACKAGES = {"surgery", "pipeline"}
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def _dotted(node: ast.AST) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return ".".join([node.id, *reversed(parts)])
+    return None
+
+
+def _resolve(dotted: str):
+    head, *rest = dotted.split(".")
+    obj = importlib.import_module(head)
+    for part in rest:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _imported_names(tree: ast.AST) -> dict[str, str]:
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            for alias in node.names:
+                names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return names
+
+
+def _calls():
+    for block in _python_blocks():
+        tree = ast.parse(block)
+        imported = _imported_names(tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            dotted = _dotted(node.func)
+            if dotted is None:
+                continue
+            head = dotted.split(".")[0]
+            if head in imported:
+                dotted = imported[head] + dotted[len(head):]
+            if dotted.split(".")[0] in PACKAGES:
+                yield dotted, [k.arg for k in node.keywords if k.arg]
+
+
+def test_readme_python_examples_parse_and_import():
+    blocks = _python_blocks()
+    assert len(blocks) >= 4
+    for block in blocks:
+        for name, target in _imported_names(ast.parse(block)).items():
+            module, _, attr = target.rpartition(".")
+            assert hasattr(importlib.import_module(module), attr), target
+
+
+def test_every_public_call_in_the_readme_exists_with_its_keywords():
+    calls = list(_calls())
+    assert len(calls) >= 10
+    for dotted, keywords in calls:
+        obj = _resolve(dotted)
+        assert callable(obj), dotted
+        try:
+            params = inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            continue
+        unknown = [k for k in keywords if k not in params]
+        assert not unknown, f"{dotted} takes no {unknown}"
+
+
+def test_builder_methods_in_the_readme_exist():
+    from surgery import TransferLearning
+
+    used = set(re.findall(r"^\s*\.(\w+)\(", README, flags=re.M))
+    assert {"set_feature_extractor", "n_out_replace", "add_layer", "build"} <= used
+    missing = [m for m in used if not hasattr(TransferLearning, m)]
+    assert not missing, missing
+
+
+def test_cli_commands_make_targets_and_paths_in_the_readme_exist():
+    import argparse
+
+    from jobs.cli import _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = set(sub.choices)
+    code = "\n".join(re.findall(r"```\w*\n(.*?)```", README, flags=re.S))
+    shown = {c for group in re.findall(r"^freezeray ([\w|]+)", code, flags=re.M) for c in group.split("|")}
+    assert shown and shown <= commands, shown - commands
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+    assert set(re.findall(r"make ([\w-]+)", README)) <= targets
+    for path in re.findall(r"`((?:jobs|surgery|pipeline|tests|benchmarks)/[\w/.-]+)`", README):
+        assert (ROOT / path).exists(), path
+
+
+@pytest.mark.parametrize("name", ["vgg16", "efficientnet_lite0", "resnet50", "timm/convnext_tiny"])
+def test_zoo_names_in_the_readme_are_known(name):
+    import surgery
+
+    assert name in README
+    surgery.zoo.skeleton(name)
