@@ -305,6 +305,20 @@ def _check_committed(cfg: RunConfig, model: fx.GraphModule | None, problems: lis
                             "true or choose another output")
 
 
+def _check_stages(cfg: RunConfig, model: fx.GraphModule, problems: list[str]) -> None:
+    """Every vertex a training stage freezes to or unfreezes exists in the built model."""
+    from surgery.graph import resolve_many, vertex_table
+
+    table = vertex_table(model)
+    for i, stage in enumerate(cfg.training.stages or []):
+        for key, names in (("frozen", [stage.frozen] if stage.frozen else []), ("unfreeze", list(stage.unfreeze))):
+            for name in names:
+                try:
+                    resolve_many(model, name, table)
+                except Exception as exc:
+                    problems.append(f"training.stages[{i}].{key}: {_short(exc)}")
+
+
 def check_config(cfg: RunConfig, step: str = "run") -> list[str]:
     """Check everything ``step`` will use; raise :class:`CheckFailed` listing every
     problem. Returns what was checked (for ``freezeray check``)."""
@@ -324,6 +338,9 @@ def check_config(cfg: RunConfig, step: str = "run") -> list[str]:
         if skeleton is not None:
             model = _check_surgery(cfg, skeleton, problems) if (cfg.surgery or cfg.fine_tune) else skeleton
             checked.append(f"{len(cfg.surgery)} surgery ops")
+        if model is not None and cfg.training.stages and step in ("run", "finetune"):
+            _check_stages(cfg, model, problems)
+            checked.append(f"{len(cfg.training.stages)} training stages")
     reads = {"run": ("train", "validation", "test", "predict"), "featurize": ("train", "validation", "test"),
              "finetune": ("train", "validation"), "evaluate": ("test",), "predict": ("predict",)}.get(step, ())
     classes = None

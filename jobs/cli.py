@@ -172,7 +172,8 @@ def _step(name: str, args: argparse.Namespace) -> int:
         else:
             result = steps.fit_step(cfg, model, progress=report) if name == "fit" else steps.finetune_step(cfg, model, report)
             best = result.metrics
-            print(f"{len(result.history)} epochs; best epoch {result.best_epoch}: "
+            print(f"{len(result.stages)} stages, " * bool(result.stages) + f"{len(result.history)} epochs; best epoch "
+                  f"{result.best_epoch}{' of the last stage' * bool(result.stages)}: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float) and k != "seconds"))
             trained = result.model
         if cfg.outputs.model is not None:

@@ -47,6 +47,7 @@ from pydantic import (
 )
 
 from pipeline.resources import Resources
+from pipeline.stages import Stage
 from surgery.edits import SurgeryOp, from_short_form
 from surgery.finetune import FineTuneConfiguration
 from surgery.schema import Schema, SchemaError, problems_of
@@ -162,9 +163,19 @@ class TrainingSection(Schema):
     max_failures: int = Field(default=0, ge=0)  # worker failures to survive
     shuffle: bool = True  # a fresh permutation every epoch
     seed: int | None = None  # None: the fine-tune configuration's seed, else 0
-    augment: bool = True  # finetune: standard training augmentation
+    augment: bool | list[str | dict[str, dict[str, Any] | None]] = True  # finetune: true (crop + flip), false, or transforms.v2 names
+    stages: list[Stage] | None = None  # finetune: staged fine-tuning (the first stage on the features when featurize.output is set)
     resources: Resources = Field(default_factory=Resources)  # Ray Train workers (num_workers 0: local mode)
     sweep: SweepSection | None = None  # try many heads on the features (head mode)
+
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: Any) -> Any:
+        from surgery.augment import check_augment
+
+        check_augment(v)  # unknown transforms and bad arguments named now
+        return v
 
 
 class OutputsSection(Schema):
@@ -202,6 +213,8 @@ class RunConfig(Schema):
             problems.append(("outputs.predictions", "required when data.predict is set"))
         if self.training.mode == "finetune" and isinstance(self.data.validation, float):
             problems.append(("data.validation", "a fraction works with training.mode head; give an image folder for finetune"))
+        if self.training.stages is not None and self.training.mode != "finetune":
+            problems.append(("training.stages", "stages are a fine-tuning schedule: they need training.mode finetune"))
         if self.training.sweep is not None and self.training.mode != "head":
             problems.append(("training.sweep", "sweeps train heads on features: it needs training.mode head"))
         if problems:

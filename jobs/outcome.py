@@ -48,7 +48,9 @@ def outcome_lines(outcome: RunOutcome, total_s: float) -> list[str]:
     if outcome.fit is not None:
         fit = outcome.fit
         where = "local mode" if fit.mode == "local" else f"{fit.workers} Ray Train worker{'s' if fit.workers != 1 else ''}"
-        lines.append(f"training: {len(fit.history)} epochs ({where}), best epoch {fit.best_epoch}, run {fit.run}")
+        staged = f"{len(fit.stages)} stages, " if fit.stages else ""
+        lines.append(f"training: {staged}{len(fit.history)} epochs ({where}), best epoch {fit.best_epoch}"
+                     f"{' of the last stage' if staged else ''}, run {fit.run}")
     if outcome.predictions is not None:
         lines.append(f"predictions: {outcome.predictions.rows} rows -> {outcome.predictions.output}")
     if outcome.model_uri:

@@ -75,12 +75,15 @@ def _splits(cfg: RunConfig) -> dict[str, str]:
     return {k: v for k, v in splits.items() if v is not None}
 
 
-def featurize_step(cfg: RunConfig, model: fx.GraphModule, progress: Progress | None = None) -> dict[str, pipeline.FeatureSet]:
-    """Featurize every image split the config names (train, validation, test)."""
+def featurize_step(cfg: RunConfig, model: fx.GraphModule, progress: Progress | None = None,
+                   only: tuple[str, ...] | None = None) -> dict[str, pipeline.FeatureSet]:
+    """Featurize every image split the config names (train, validation, test), or ``only`` those."""
     f, opts = cfg.featurize, _opts(cfg)
     out: dict[str, pipeline.FeatureSet] = {}
     classes = None
     for split, uri in _splits(cfg).items():
+        if only is not None and split not in only:
+            continue
         src = pipeline.read_images(resolve(cfg, uri), opts, classes=classes)
         classes = classes or src.classes
         if progress is not None:
@@ -145,17 +148,20 @@ def sweep_step(cfg: RunConfig, model: fx.GraphModule, features: dict[str, pipeli
     )
 
 
-def finetune_step(cfg: RunConfig, model: fx.GraphModule, progress: Progress | None = None) -> pipeline.FitResult:
+def finetune_step(cfg: RunConfig, model: fx.GraphModule, progress: Progress | None = None,
+                  features: pipeline.FeatureSet | None = None) -> pipeline.FitResult:
     t = cfg.training
     if cfg.data.train is None:
         raise ValueError(f"{cfg.source}: data.train is needed to fine-tune")
+    if features is None and t.stages and cfg.featurize.output is not None:  # the first stage trains on the features
+        features = featurize_step(cfg, model, progress, ("train",))["train"]  # (reused when committed)
     callback = (lambda e: progress("finetune", e)) if progress is not None else None
     result = pipeline.finetune(
         model, resolve(cfg, cfg.data.train), validation=resolve(cfg, cfg.data.validation), epochs=t.epochs,
         batch_size=t.batch_size or 32, resources=t.resources, augment=t.augment, image_size=cfg.featurize.image_size,
         storage=resolve(cfg, t.storage), name=t.run_name, storage_options=_opts(cfg), shuffle=t.shuffle, seed=t.seed,
         early_stopping_patience=t.early_stopping_patience, max_epochs=t.max_epochs, max_failures=t.max_failures,
-        callback=callback,
+        callback=callback, stages=t.stages, features=features,
     )
     if progress is not None:
         progress("finetune", {"event": "end"})
@@ -217,7 +223,11 @@ def run_all(cfg: RunConfig, progress: Progress | None = None) -> RunOutcome:
                 out.fit = timed("fit", fit_step, cfg, model, out.features, progress)
                 model = out.fit.model
         else:
-            out.fit = timed("finetune", finetune_step, cfg, model, progress)
+            features = None
+            if cfg.training.stages and cfg.featurize.output is not None:  # the first stage trains on the features
+                out.features = timed("featurize", featurize_step, cfg, model, progress, ("train",))
+                features = out.features["train"]
+            out.fit = timed("finetune", finetune_step, cfg, model, progress, features)
             model = out.fit.model
         classes = out.features["train"].classes if "train" in out.features else \
             pipeline.read_images(resolve(cfg, cfg.data.train), _opts(cfg)).classes

@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str | None] = {
     "Resources": "resources",
     "ImageSource": "sources",
     "read_images": "sources",
+    "Stage": "stages",
     "SweepResult": "sweep",
     "sweep": "sweep",
     "FitResult": "train",
@@ -75,5 +76,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .predict import PredictResult, predict
     from .resources import Resources
     from .sources import ImageSource, read_images
+    from .stages import Stage
     from .sweep import SweepResult, sweep
     from .train import FitResult

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,7 +40,7 @@ from surgery.preprocess import (
 )
 
 __all__ = ["ImageSource", "read_images", "IMAGE_EXTENSIONS", "read_and_decode", "read_files", "decode_memory",
-           "decode_dataset", "bytes_dataset", "readable", "image_dataset"]
+           "decode_dataset", "bytes_dataset", "readable", "image_dataset", "augment_source_config"]
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +296,6 @@ def read_and_decode(
     batch: dict[str, np.ndarray],
     preprocessing: dict[str, Any],
     storage_options: dict[str, Any] | None = None,
-    augment: bool = False,
-    seed: int = 0,
     max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> dict[str, np.ndarray]:
     """Ray Data batch function: read each ``path`` and turn it into uint8 (H, W, C) pixels.
@@ -307,9 +305,9 @@ def read_and_decode(
     ``error`` column); the batch never fails for one bad file. Storage that is down is
     not a bad file: transient read errors are retried (see :func:`surgery.storage.retrying`)
     and, if they last, fail the batch, so no good image is ever recorded as an error.
-    ``augment`` applies torchvision's standard training augmentation (random resized
-    crop, horizontal flip), seeded per row from ``seed`` and the row id. Images over
-    ``max_pixels`` are refused from their header, before decoding.
+    Images over ``max_pixels`` are refused from their header, before decoding. (Training
+    augmentation is not done here but in the training function, so that it can differ
+    every epoch: see :mod:`surgery.augment`.)
     """
     config = PreprocessConfig.from_dict(preprocessing)
     c, h, w = config.input_size
@@ -325,8 +323,6 @@ def read_and_decode(
             continue
         try:
             img = decode_image(blob, c, max_pixels)
-            if augment:
-                img = _augment(img, config, seed, int(batch["row_id"][i]))
             pixels[i] = resize_crop(img, config).reshape(h, w, c)
         except Exception as exc:  # a bad file is an error row, never a failed job
             errors[i] = str(exc) or type(exc).__name__
@@ -362,8 +358,8 @@ def readable(errors: Sequence[str]) -> np.ndarray:
 
 
 def decode_dataset(table: pa.Table, config: PreprocessConfig, storage_options: dict[str, Any] | None,
-                   batch_size: int = 32, rows_per_block: int | None = None, augment: bool = False,
-                   seed: int = 0, max_pixels: int | None = MAX_IMAGE_PIXELS, num_cpus: float = 1.0) -> Any:
+                   batch_size: int = 32, rows_per_block: int | None = None,
+                   max_pixels: int | None = MAX_IMAGE_PIXELS, num_cpus: float = 1.0) -> Any:
     """The rows of ``table`` (``row_id``, ``path``, ...) as a Ray Dataset decoded by
     :func:`read_and_decode` in tasks of their own (``num_cpus``, ``decode_memory``), ready for
     a model stage. Blocks of ``rows_per_block`` rows (default: four decode batches) let
@@ -374,7 +370,7 @@ def decode_dataset(table: pa.Table, config: PreprocessConfig, storage_options: d
     ds = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, table.num_rows, chunk)])
     return ds.map_batches(read_and_decode, batch_size=batch_size, batch_format="numpy",
                           fn_kwargs={"preprocessing": config.to_dict(), "storage_options": storage_options,
-                                     "augment": augment, "seed": seed, "max_pixels": max_pixels},
+                                     "max_pixels": max_pixels},
                           num_cpus=num_cpus, memory=decode_memory(config, batch_size))
 
 
@@ -395,11 +391,20 @@ def _drop_errors(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v)[ok] for k, v in batch.items() if k not in ("error", "path", "shard")}
 
 
-def image_dataset(src: ImageSource, config: PreprocessConfig, augment: bool, seed: int, decode_batch_size: int = 32) -> Any:
+def image_dataset(src: ImageSource, config: PreprocessConfig, decode_batch_size: int = 32) -> Any:
     """Decoded, preprocessed images of ``src`` as a Ray Dataset (row_id, label, pixels) for
-    training; unreadable files are left out (``evaluate``/``predict`` report them)."""
-    ds = decode_dataset(src.table, config, src.storage_options, decode_batch_size, augment=augment, seed=seed)
+    training (``config``: see :func:`augment_source_config` for augmented training);
+    unreadable files are left out (``evaluate``/``predict`` report them)."""
+    ds = decode_dataset(src.table, config, src.storage_options, decode_batch_size)
     return ds.map_batches(_drop_errors, batch_format="numpy")
+
+
+def augment_source_config(config: PreprocessConfig) -> PreprocessConfig:
+    """What the decoders make for augmented training: the shorter side resized to
+    ``config.resize_size`` and the centre square cut (256 x 256 for a 224-px model), from
+    which the training function draws its random crops every epoch."""
+    side = config.resize_size
+    return replace(config, input_size=(config.input_size[0], side, side), crop_pct=1.0)
 
 
 def decode_memory(config: PreprocessConfig, batch_size: int) -> int:
@@ -451,30 +456,3 @@ def _cat(fs: Any, paths: list[str]) -> dict[str, Any]:
     if not isinstance(got, dict):
         got = {paths[0]: got}
     return got
-
-
-def _augment(img: Any, config: PreprocessConfig, seed: int, row_id: int) -> Any:
-    """Random resized crop (scale 0.08-1, ratio 3/4-4/3) and horizontal flip; the result
-    is then resized to ``resize_size`` and centre-cropped like an eval image, which keeps
-    it the same size."""
-    import math
-    import random
-
-    from PIL import Image
-
-    rng = random.Random(hash((seed, row_id)))
-    width, height = img.size
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(0.08, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w = int(round(math.sqrt(target * ratio)))
-        h = int(round(math.sqrt(target / ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-            img = img.crop((left, top, left + w, top + h))
-            break
-    if rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    side = config.resize_size
-    return img.resize((side, side))

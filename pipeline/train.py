@@ -33,6 +33,7 @@ from surgery.preprocess import PreprocessConfig, normalize
 from surgery.training import (
     Stopping,
     TrainState,
+    precision,
     run_epochs,
     tensor_batches,
 )
@@ -76,6 +77,7 @@ class TrainSettings:
     storage: str  # where runs live (local mode writes its checkpoints there)
     in_memory: bool = True  # workers hold their part in memory (else stream it)
     shuffle_buffer: int = 10_000  # rows in the local shuffle buffer when streaming
+    augment: tuple[Any, ...] | None = None  # pixels: transforms.v2 (objects or names) applied per epoch; None: off
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
@@ -90,6 +92,8 @@ class TrainSettings:
         d = dict(d)
         d["feature_columns"] = tuple(d["feature_columns"])
         d["losses"] = tuple(d["losses"])
+        if d.get("augment") is not None:
+            d["augment"] = tuple(d["augment"])
         return cls(**d)
 
 
@@ -109,6 +113,7 @@ class FitResult:
     mode: str = "local"  # "local" (Ray Train's local mode) or "workers"
     workers: int = 0  # Ray Train workers (0 in local mode)
     startup_s: float = 0.0  # seconds not spent in epochs (reading features, starting workers, checkpoints)
+    stages: list["FitResult"] = field(default_factory=list)  # a staged finetune: each stage's own result
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,13 +144,22 @@ def _gather(it: Any, columns: list[str]) -> dict[str, np.ndarray]:
 
 
 def _streamed(it: Any, s: TrainSettings, device: torch.device, rank: int, shuffle: bool,
-              config: PreprocessConfig | None) -> Callable[[int], Any]:
+              config: PreprocessConfig | None, augment: bool = False) -> Callable[[int], Any]:
+    augmentation = None
+    if augment and s.augment is not None and config is not None:
+        from surgery.augment import Augmentation
+
+        augmentation = Augmentation(s.augment, config.input_size[1:])
+
     def epoch_batches(epoch: int) -> Any:
         for batch in it.iter_torch_batches(batch_size=s.batch_size,
                                            local_shuffle_buffer_size=s.shuffle_buffer if shuffle else None,
                                            local_shuffle_seed=(s.seed * 1_000_003 + epoch * 101 + rank) if shuffle else None):
             if s.inputs == "features":
                 x = tuple(batch[c].to(device=device, dtype=torch.float32) for c in s.feature_columns)
+            elif augmentation is not None:  # fresh crops and flips each epoch, seeded by (seed, epoch, row)
+                pixels = augmentation(batch["pixels"], batch["row_id"].tolist(), seed=s.seed, epoch=epoch)
+                x = (normalize(pixels.permute(0, 2, 3, 1).to(device), config),)  # (B, C, H, W) -> (B, H, W, C) uint8
             else:
                 x = (normalize(batch["pixels"].to(device), config),)
             yield x, batch["label"].to(device).long()
@@ -177,7 +191,7 @@ def _data(config: dict[str, Any], s: TrainSettings, rank: int, device: torch.dev
         vx, vy = _to_tensors(_gather(val_it, columns), s, device)
         val_batches = tensor_batches(vx, vy, s.batch_size, shuffle=False)
         return train, lambda: val_batches(0)
-    train = _streamed(train_it, s, device, rank, s.shuffle, pre)
+    train = _streamed(train_it, s, device, rank, s.shuffle, pre, augment=True)
     if val_it is None:
         return train, None
     val = _streamed(val_it, s, device, rank, False, pre)
@@ -237,6 +251,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         model = ray.train.torch.prepare_model(model)  # DDP for world > 1; moves to the worker's device
         device = ray.train.torch.get_device()
     inner = model.module if hasattr(model, "module") else model
+    autocast, scaler = precision(ftc.mixed_precision, device)
+    if ftc.mixed_precision and autocast is None:
+        log.warning("mixed_precision=%r: not available on %s (fp16 needs CUDA, bf16 a GPU or a CPU with native bf16); "
+                    "training in float32", ftc.mixed_precision, device)
     train, validation = _data(config, s, rank, device)
     run_folder = RunFolder(s.storage, s.run, storage_options) if s.world_size == 0 else None
     written: list[str] = []
@@ -267,7 +285,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     state = run_epochs(model, optimizer, scheduler, ftc, specs, train, validation=validation, stopping=stopping,
                        state=state, inner=inner, reduce=lambda v: _allreduce(v, device), on_epoch=on_epoch,
-                       on_batch=on_batch if callback is not None else None)
+                       on_batch=on_batch if callback is not None else None, autocast=autocast, scaler=scaler)
     if s.world_size == 0:  # local mode: hand the state back to the driver directly
         return {"state": state, "weights": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
                 "checkpoint": written[-1] if written else used}

@@ -24,6 +24,7 @@ __all__ = [
     "frozen_nodes",
     "frozen_prefix",
     "is_frozen",
+    "keep_inference_mode_",
 ]
 
 
@@ -42,6 +43,14 @@ def _set_hook_(module: nn.Module, on: bool) -> None:
     elif not on:
         for k in present:
             del hooks[k]
+
+
+def keep_inference_mode_(modules: Iterable[nn.Module]) -> None:
+    """Keep ``modules`` in inference mode (BatchNorm on its running statistics, dropout
+    off) while the model trains, without freezing their parameters. This is done in
+    place; :func:`apply_frozen_` clears it from unfrozen modules."""
+    for module in modules:
+        _set_hook_(module, True)
 
 
 def feature_extractor_nodes(model: fx.GraphModule, vertices: Iterable[str]) -> set[fx.Node]:

@@ -34,6 +34,7 @@ __all__ = [
     "vertex_names",
     "vertex_table",
     "resolve",
+    "resolve_many",
     "vertex_of",
     "propagate_",
     "Pending",
@@ -221,6 +222,18 @@ def resolve(model: fx.GraphModule, name: str, table: dict[str, Vertex] | None = 
     if not isinstance(name, str) or name not in table:
         raise unknown_vertex(name, model, table)
     return table[name]
+
+
+def resolve_many(model: fx.GraphModule, name: str, table: dict[str, Vertex] | None = None) -> list[Vertex]:
+    """The vertex called ``name``, or every vertex inside the container ``name`` (a
+    module path such as timm's ``blocks.6``, whose vertices are ``blocks.6.0.conv_pw``,
+    ...); a :class:`VertexError` naming close matches otherwise."""
+    table = table if table is not None else vertex_table(model)
+    if isinstance(name, str) and name not in table:
+        inside = [v for k, v in table.items() if k.startswith(name + ".")]
+        if inside:
+            return inside
+    return [resolve(model, name, table)]
 
 
 def vertex_outputs(model: fx.GraphModule, vertex: Vertex) -> list[fx.Node]:

@@ -36,7 +36,7 @@ from .layers import emit_logits
 from .objective import LossSpec, objective
 
 __all__ = ["Stopping", "TrainState", "StepResult", "train_step", "score_batches", "run_epochs", "tensor_batches",
-           "DEFAULT_PATIENCE", "DEFAULT_MAX_EPOCHS"]
+           "precision", "cpu_bf16", "DEFAULT_PATIENCE", "DEFAULT_MAX_EPOCHS"]
 
 DEFAULT_PATIENCE = 20  # epochs without a better monitored loss before epochs=None stops
 DEFAULT_MAX_EPOCHS = 200  # the most epochs epochs=None runs
@@ -202,6 +202,36 @@ def tensor_batches(inputs: Sequence[torch.Tensor], targets: torch.Tensor, batch_
                 yield tuple(x[idx] for x in inputs), targets[idx]
 
     return epoch_batches
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), where bf16
+    autocast is faster rather than slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN's own check
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def precision(mode: bool | str, device: torch.device) -> tuple[Any, Any]:
+    """``(autocast, scaler)`` for :func:`run_epochs` from the fine-tune configuration's
+    ``mixed_precision``.
+
+    ``False``: (None, None), float32. ``True``: on CUDA bfloat16 where the GPU supports
+    it, else float16 with a ``GradScaler``; on CPU bfloat16 only where the CPU computes
+    it natively (:func:`cpu_bf16`), else float32. ``"bf16"``/``"fp16"`` ask for one
+    dtype: fp16 only on CUDA (with a scaler), bf16 on CUDA or a bf16 CPU; where the
+    device cannot, training stays float32 (logged by the caller).
+    """
+    if not mode:
+        return None, None
+    if device.type == "cuda":
+        dtype = torch.float16 if mode == "fp16" or (mode is True and not torch.cuda.is_bf16_supported()) else torch.bfloat16
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        return torch.autocast("cuda", dtype=dtype), scaler
+    if mode in (True, "bf16") and cpu_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16), None
+    return None, None
 
 
 def _state_copy(module: nn.Module) -> dict[str, torch.Tensor]:

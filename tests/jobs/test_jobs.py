@@ -221,6 +221,39 @@ def test_expected_failures_print_one_line_and_their_exit_code(ray_session, tmp_p
     assert set(EXIT_CODES) >= {0, 1, 2, 3, 4, 5, 6}
 
 
+def test_a_staged_run_from_yaml_trains_the_head_on_its_features_then_unfreezes(ray_session, tmp_path, capsys, tiny_name):
+    images = _images(tmp_path / "images", per_class=6, size=16)
+    stages = [{"epochs": 2}, {"unfreeze": ["conv2", "bn2"], "epochs": 1, "lr": 1.0e-4},
+              {"frozen": "conv1", "epochs": 1, "lr_slice": [1.0e-5, 1.0e-4]}]
+    training = {"mode": "finetune", "stages": stages, "storage": str(tmp_path / "runs"), "run_name": "staged",
+                "augment": ["RandomResizedCrop", {"RandomHorizontalFlip": {"p": 0.5}}], "resources": {"num_workers": 0}}
+    config = _tiny_config(tmp_path, images, tiny_name, training=training, outputs={"model": str(tmp_path / "model")})
+    assert main(["check", config]) == 0
+    assert "3 training stages" in capsys.readouterr().out
+    assert main(["run", config]) == 0
+    assert "training: 3 stages, 4 epochs (local mode)" in capsys.readouterr().out
+    assert (tmp_path / "features" / "train" / "manifest.json").exists()  # the first stage's features
+    assert not (tmp_path / "features" / "test").exists()  # only what the stages read was featurized
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["staged-stage0", "staged-stage1", "staged-stage2"]
+    import surgery
+
+    saved = surgery.load(str(tmp_path / "model"))
+    assert saved.get_submodule("conv2").weight.requires_grad  # the last stage's frozen set is kept
+    assert not saved.get_submodule("conv1").weight.requires_grad
+
+    broken = yaml.safe_load(Path(config).read_text())
+    broken["training"]["stages"][1]["unfreeze"] = ["conv9"]
+    broken["training"]["augment"] = ["RandomResizeCrop"]
+    Path(config).write_text(yaml.safe_dump(broken))
+    assert main(["check", config]) == 2
+    err = capsys.readouterr().err
+    assert "training.augment" in err and "Closest: RandomResizedCrop" in err
+    broken["training"]["augment"] = True
+    Path(config).write_text(yaml.safe_dump(broken))
+    assert main(["check", config]) == 2
+    assert "training.stages[1].unfreeze: vertex 'conv9' is not in" in capsys.readouterr().err
+
+
 def test_failures_from_ray_workers_are_classified_by_their_cause():
     import ray.exceptions
 
