@@ -23,18 +23,24 @@ from .common import RESULTS, save_json, start_ray, table
 DATA = Path(__file__).parent / "data"
 
 
+def demo_model() -> Any:
+    """The demo's model: ImageNet ``efficientnet_lite0`` frozen to ``global_pool``, a new 10-class output."""
+    import surgery
+    from surgery.layers import Output
+
+    base = surgery.zoo.load("efficientnet_lite0", weights="imagenet")
+    return (surgery.TransferLearning(base).fine_tune_configuration(surgery.FineTuneConfiguration(seed=0))
+            .set_feature_extractor("global_pool").remove_vertex_keep_connections("classifier")
+            .add_layer("classifier", Output(10, loss="cross_entropy")).build())
+
+
 def demo_features(work: Path) -> tuple[Any, Any, float]:
     """The demo's model and its train features (written under benchmarks/data, reused)."""
     import pipeline
-    import surgery
     from jobs.demo import write_digits
-    from surgery.layers import Output
 
     write_digits(str(DATA / "digits"))
-    base = surgery.zoo.load("efficientnet_lite0", weights="imagenet")
-    model = (surgery.TransferLearning(base).fine_tune_configuration(surgery.FineTuneConfiguration(seed=0))
-             .set_feature_extractor("global_pool").remove_vertex_keep_connections("classifier")
-             .add_layer("classifier", Output(10, loss="cross_entropy")).build())
+    model = demo_model()
     t = time.perf_counter()
     features = pipeline.featurize(model, str(DATA / "digits" / "train"), str(DATA / "digits-features-96"), image_size=96)
     return model, features, time.perf_counter() - t

@@ -68,3 +68,14 @@ def test_nodes_benchmark():
     single, cluster = result["rows"]
     assert single["rows"] == cluster["rows"] == 8 and single["writer_nodes"] == 1
     assert "cluster / single node" in nodes.report(result)
+
+
+@pytest.mark.slow
+def test_staged_benchmark(ray_session):
+    from benchmarks import staged
+
+    result = staged.run(head_epochs=2, tune_epochs=1, per_class=6)
+    head, ours, images, kept = result["rows"]
+    assert result["settings"]["train_rows"] == 45 and ours["seconds"] > head["seconds"]  # the staged run includes the head
+    assert result["accuracy_gain_over_head"] == ours["test_accuracy"] - head["test_accuracy"]
+    assert "images throughout / staged wall time" in staged.report(result)

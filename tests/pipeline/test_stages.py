@@ -52,22 +52,26 @@ def test_a_staged_run_trains_the_head_on_features_then_unfreezes_with_frozen_lay
 
     r = finetune(model, str(tiny["root"] / "train"), features=tiny["train"], validation=str(tiny["root"] / "val"),
                  num_workers=0, batch_size=20, storage=str(tmp_path), name="staged", callback=callback,
-                 stages=[Stage(epochs=3), Stage(unfreeze=("conv2", "bn2"), epochs=2, lr=1e-3)])
-    # stage 0 read the feature set: no image was decoded while it ran; stage 1 decoded its images
-    assert [(s, e) for s, e, _ in events] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
-    assert all(n == 0 for s, _, n in events if s == 0) and all(n >= 1 for s, _, n in events if s == 1)
-    assert [h["stage"] for h in r.history] == [0, 0, 0, 1, 1] and len(r.stages) == 2
-    assert [s.run for s in r.stages] == ["staged-stage0", "staged-stage1"] and r.run == "staged"
-    start, first, second = (m.state_dict() for m in (model, r.stages[0].model, r.stages[1].model))
+                 stages=[Stage(epochs=3), Stage(unfreeze=("conv2", "bn2"), epochs=2, lr=1e-3, train_bn=False),
+                         Stage(unfreeze=("conv1", "bn1"), epochs=1, lr=1e-3)])
+    # stage 0 read the feature set: no image was decoded while it ran; stages 1 and 2 decoded their images
+    assert [(s, e) for s, e, _ in events] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)]
+    assert all(n == 0 for s, _, n in events if s == 0) and all(n >= 1 for s, _, n in events if s > 0)
+    assert [h["stage"] for h in r.history] == [0, 0, 0, 1, 1, 2] and len(r.stages) == 3
+    assert [s.run for s in r.stages] == ["staged-stage0", "staged-stage1", "staged-stage2"] and r.run == "staged"
+    start, first, second, third = (m.state_dict() for m in (model, *(s.model for s in r.stages)))
     outside, inside = _trainable_only_changed(start, first, HEAD)
     assert outside == [] and inside  # stage 0: only the head moved
     outside, inside = _trainable_only_changed(first, second, HEAD + ("conv2.", "bn2.weight", "bn2.bias"))
-    assert outside == [] and inside  # stage 1: conv1/bn1 bit for bit, bn2's running statistics too (inference mode)
+    assert outside == [] and inside  # stage 1: conv1/bn1 bit for bit, bn2's running statistics too (train_bn=False)
     assert not torch.equal(first["conv2.weight"], second["conv2.weight"])
-    # the returned model is a plain one again: frozen as stage 1 left it, no BatchNorm kept in inference mode
-    assert not any(h for m in r.model.modules() for h in m._forward_pre_hooks.values() if h.__name__ == "_keep_eval"
-                   and m is r.model.get_submodule("bn2"))
-    assert r.model.get_submodule("conv2").weight.requires_grad and not r.model.get_submodule("conv1").weight.requires_grad
+    outside, inside = _trainable_only_changed(second, third, HEAD + ("conv", "bn"))
+    assert outside == [] and not torch.equal(second["bn1.running_mean"], third["bn1.running_mean"])  # the default
+    # each stage's model is a plain one again: frozen as its stage left it, no BatchNorm kept in inference mode
+    bn2 = r.stages[1].model.get_submodule("bn2")
+    assert bn2.weight.requires_grad and not any(h.__name__ == "_keep_eval" for h in bn2._forward_pre_hooks.values())
+    assert not r.stages[1].model.get_submodule("conv1").weight.requires_grad
+    assert all(p.requires_grad for p in r.model.parameters())  # stage 2 unfroze the rest
 
 
 def test_a_staged_run_resumes_mid_stage_by_name(tiny, tmp_path, monkeypatch):
