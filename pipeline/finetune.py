@@ -114,6 +114,8 @@ def finetune(
         num_workers = max(1, int(cluster_gpus())) if use_gpu else 0
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
         raise ValueError(f"num_workers must be a non-negative integer (0: local mode), got {num_workers!r}")
+    if stages is not None and len(stages) == 0:
+        raise ValueError("stages is empty: give at least one Stage (or stages=None for one run)")
     if features is not None and not stages:
         raise ValueError("features= is for staged fine-tuning: give stages=[...] whose first stage trains on them")
     seed = seed_of(model, seed)

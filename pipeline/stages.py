@@ -134,7 +134,11 @@ def run_stages(
     started = time.perf_counter()
     plan = [s if isinstance(s, Stage) else Stage.from_dict(s) for s in stages]
     if not plan:
-        raise ValueError("stages is empty: give at least one Stage")
+        raise ValueError("stages is empty: give at least one Stage (or stages=None for one run)")
+    table = vertex_table(model)
+    for stage in plan:  # every stage's vertices are checked before the first one trains
+        for vertex in ([stage.frozen] if stage.frozen is not None else []) + list(stage.unfreeze):
+            resolve_many(model, vertex, table)
     pretrained_bn = {n for n, bn in _batchnorms(model).items() if not any(p.requires_grad for p in bn.parameters())}
     current, results = model, []
     for i, stage in enumerate(plan):

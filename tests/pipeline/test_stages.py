@@ -103,9 +103,12 @@ def test_stages_name_their_problems():
 
 
 def test_a_stage_that_names_a_missing_vertex_fails_before_training(tiny, tmp_path):
-    with pytest.raises(Exception, match="conv9"):
-        finetune(tiny["model"], str(tiny["root"] / "train"), num_workers=0, storage=str(tmp_path),
-                 stages=[Stage(unfreeze=("conv9",), epochs=1)])
+    with pytest.raises(Exception, match="'conv9' is not in"):  # the last stage's typo, found before the first trains
+        finetune(tiny["model"], str(tiny["root"] / "train"), features=tiny["train"], num_workers=0, storage=str(tmp_path),
+                 name="typo", stages=[Stage(epochs=1), Stage(unfreeze=("conv2",), epochs=1), Stage(frozen="conv9")])
+    assert not any(tmp_path.iterdir())  # no stage ran
+    with pytest.raises(ValueError, match="stages is empty"):
+        finetune(tiny["model"], str(tiny["root"] / "train"), num_workers=0, storage=str(tmp_path), stages=[])
 
 
 def test_per_block_multipliers_and_the_slice_reach_the_optimizer_for_any_module():
