@@ -307,16 +307,9 @@ def _check_committed(cfg: RunConfig, model: fx.GraphModule | None, problems: lis
 
 def _check_stages(cfg: RunConfig, model: fx.GraphModule, problems: list[str]) -> None:
     """Every vertex a training stage freezes to or unfreezes exists in the built model."""
-    from surgery.graph import resolve_many, vertex_table
+    from pipeline.stages import stage_problems
 
-    table = vertex_table(model)
-    for i, stage in enumerate(cfg.training.stages or []):
-        for key, names in (("frozen", [stage.frozen] if stage.frozen else []), ("unfreeze", list(stage.unfreeze))):
-            for name in names:
-                try:
-                    resolve_many(model, name, table)
-                except Exception as exc:
-                    problems.append(f"training.stages[{i}].{key}: {_short(exc)}")
+    problems.extend(f"training.stages{path}: {_short(exc)}" for path, exc in stage_problems(model, cfg.training.stages or []))
 
 
 def check_config(cfg: RunConfig, step: str = "run") -> list[str]:

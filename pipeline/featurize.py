@@ -46,20 +46,14 @@ from .lease import OutputLease
 from .manifest import FEATURES_FORMAT, FeaturesManifest, ShardPlan, SourceInfo
 from .resources import Resources
 from .shards import (
-    ATTEMPT,
     ERRORS,
     MANIFEST,
     PartWriter,
     Slices,
-    assemble,
-    clear,
-    delete_slices,
-    existing_slices,
-    gather_errors,
+    commit_manifest,
+    prepare_output,
     read_json,
-    unlisted,
-    write_json,
-    write_table,
+    settle,
 )
 from .sources import ImageSource, bytes_dataset, decode_dataset, read_images, readable
 
@@ -248,22 +242,12 @@ class _Tracker:
         self.rows = self.errors = 0
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
-        shards, keys, ok = np.asarray(batch["shard"]), np.asarray(batch["slice"], dtype=object), np.asarray(batch["ok"])
-        ids, sizes, nodes = np.asarray(batch["row_id"]), np.asarray(batch["bytes"]), np.asarray(batch["node"], dtype=object)
-        for sid in np.unique(shards):
-            in_shard = shards == sid
-            for key in np.unique(keys[in_shard]):
-                m = in_shard & (keys == key)
-                known = self.slices.by_shard.get(int(sid), {}).get(str(key))
-                good, bad = ids[m & ok], ids[m & ~ok]
-                if known is not None:  # the same slice again (a retried call): the same rows
-                    continue
-                self.slices.add(int(sid), str(key), good, bad, int(sizes[m].sum()), str(nodes[m][0]))
-                self.rows, self.errors = self.rows + len(good), self.errors + len(bad)
-                self.left[int(sid)] = self.left.get(int(sid), 0) - int(m.sum())
-                if self.left[int(sid)] == 0 and self.progress is not None:
-                    slices = self.slices.by_shard[int(sid)].values()
-                    self.progress(int(sid), sum(len(g) for g, _, _, _ in slices), sum(len(b) for _, b, _, _ in slices))
+        for sid, good, bad in self.slices.add_summaries(batch):
+            self.rows, self.errors = self.rows + good, self.errors + bad
+            self.left[sid] = self.left.get(sid, 0) - good - bad
+            if self.left[sid] == 0 and self.progress is not None:
+                slices = self.slices.by_shard[sid].values()
+                self.progress(sid, sum(len(g) for g, _, _, _ in slices), sum(len(b) for _, b, _, _ in slices))
 
     @property
     def open_shards(self) -> list[int]:
@@ -363,7 +347,7 @@ def featurize(
         row_bytes = sum(math.prod(s) for s in shapes) * np.dtype(dtype).itemsize
         rows_per_shard = shard_rows or int(min(8192, max(64, shard_bytes // max(1, row_bytes))))
         plan = ShardPlan(total=len(src), rows_per_shard=rows_per_shard)
-        pending, resumed = _prepare(output, storage_options, fp, plan, committed, overwrite)
+        pending, resumed = prepare_output(output, storage_options, fp, plan, committed, overwrite, "features")
 
         start = time.perf_counter()
         shard_ids = plan.shard_of(np.arange(len(src)))
@@ -428,54 +412,11 @@ def _unwrapped(exc: BaseException) -> BaseException:
     return exc
 
 
-def _prepare(output: str, storage_options: dict | None, fp: str, plan: ShardPlan, committed: dict | None,
-             overwrite: bool) -> tuple[list[int], Slices]:
-    """Make ``output`` ready for this run (under its lease). Returns the shards it still
-    needs (all of them, or those an interrupted attempt with the same fingerprint and plan
-    left incomplete) and the slices of the complete ones. Another run's features or
-    attempt are cleared only with ``overwrite``."""
-    if committed is not None:
-        if not overwrite:
-            raise FileExistsError(
-                f"{output!r} already holds features with fingerprint {committed.get('fingerprint')}, "
-                f"but this run's fingerprint is {fp} (another model, preprocessing, dtype or input); "
-                "pass overwrite=True to replace them, or choose another output"
-            )
-        clear(output, storage_options)
-    attempt = read_json(storage.join(output, ATTEMPT), storage_options)
-    if attempt is not None and (attempt.get("fingerprint") != fp or attempt.get("plan") != plan.to_dict()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{output!r} holds an unfinished featurization with fingerprint {attempt.get('fingerprint')}, "
-                f"not this run's {fp}; pass overwrite=True to discard it, or choose another output"
-            )
-        clear(output, storage_options)
-        attempt = None
-    if attempt is None:
-        clear(output, storage_options)  # stray slices of a run that died before writing its attempt
-        write_json(storage.join(output, ATTEMPT), {"fingerprint": fp, "plan": plan.to_dict()}, storage_options)
-        return list(range(plan.count)), Slices()
-    found = existing_slices(output, storage_options)
-    complete, incomplete, redundant = assemble(plan, found, range(plan.count))
-    stale = [(sid, key) for sid in incomplete for key in found.by_shard.get(sid, {})]
-    delete_slices(output, storage_options, stale + redundant)
-    kept = found.only(complete.values())
-    if complete:
-        log.info("resuming featurization at %s: %d of %d shards already written", output, len(complete), plan.count)
-    return sorted(incomplete), kept
-
-
 def _commit(output: str, storage_options: dict | None, src: ImageSource, plan: ShardPlan, fp: str, model_fp: str,
             model: fx.GraphModule, boundary: Sequence[str], shapes: list, dtype: str, config: PreprocessConfig,
             seconds: float, resumed: Slices, tracker: _Tracker) -> FeatureSet:
-    every = Slices({**resumed.by_shard, **tracker.slices.by_shard})
-    complete, incomplete, redundant = assemble(plan, every, range(plan.count))
-    if incomplete:
-        raise RuntimeError(f"featurization lost rows: shards {incomplete[:10]} are incomplete")
-    shards = [complete[i] for i in range(plan.count)]
-    delete_slices(output, storage_options, redundant + unlisted(output, storage_options, shards))
-    errors = gather_errors(output, storage_options, shards)
-    write_table(storage.join(output, ERRORS), errors, storage_options)
+    shards, errors = settle(output, storage_options, plan, Slices({**resumed.by_shard, **tracker.slices.by_shard}),
+                            "featurization")
     rows = sum(s.rows for s in shards)
     if rows + errors.num_rows != len(src):
         raise RuntimeError(f"featurization lost rows: {rows} written + {errors.num_rows} errors != {len(src)} inputs")
@@ -489,13 +430,7 @@ def _commit(output: str, storage_options: dict | None, src: ImageSource, plan: S
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=round(seconds, 3),
         images_per_s=round(images_per_s, 2) if images_per_s else None,
     )
-    try:  # the commit: created, never overwritten, so two jobs cannot both commit
-        storage.create_bytes(storage.join(output, MANIFEST), json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode(),
-                             storage_options)
-    except FileExistsError:
-        raise FileExistsError(f"another job committed features at {output!r} first; this run's shards were not "
-                              "committed") from None
-    storage.delete(storage.join(output, ATTEMPT), storage_options)
+    commit_manifest(output, manifest, storage_options, "features")
     if tracker.rows or tracker.errors:
         log.info("featurized %d images (%d errors) in %.1fs: %.1f images/s -> %s", tracker.rows, tracker.errors,
                  seconds, images_per_s or 0.0, output)

@@ -31,20 +31,14 @@ from .lease import OutputLease
 from .manifest import PREDICTIONS_FORMAT, PredictionsManifest, ShardPlan, SourceInfo
 from .resources import Resources
 from .shards import (
-    ATTEMPT,
     ERRORS,
     MANIFEST,
     PartWriter,
     Slices,
-    assemble,
-    clear,
-    delete_slices,
-    existing_slices,
-    gather_errors,
+    commit_manifest,
+    prepare_output,
     read_json,
-    unlisted,
-    write_json,
-    write_table,
+    settle,
 )
 from .sources import ImageSource, read_images
 
@@ -108,7 +102,7 @@ def predict(
         return PredictResult(output, manifest.rows, manifest.errors, time.perf_counter() - started, manifest, True)
     with OutputLease(output, storage_options, lease_timeout) as lease:
         plan = ShardPlan(total=len(src), rows_per_shard=shard_rows)
-        pending, resumed = _prepare(output, storage_options, fp, plan, committed, overwrite)
+        pending, resumed = prepare_output(output, storage_options, fp, plan, committed, overwrite, "predictions")
         shard_ids = plan.shard_of(np.arange(len(src)))
         table = src.table.append_column("shard", pa.array(shard_ids.astype(np.int64))).filter(
             pa.array(np.isin(shard_ids, pending)))
@@ -118,16 +112,9 @@ def predict(
             ds, _, _ = _scored(model, ImageSource(src.uri, table, src.classes, src.layout, src.storage_options),
                                storage_options, batch_size, resources, image_size, None, writer=writer.to_dict())
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                _track(slices, batch)
+                slices.add_summaries(batch)
         lease.check()
-        complete, incomplete, redundant = assemble(plan, Slices({**resumed.by_shard, **slices.by_shard}),
-                                                   range(plan.count))
-        if incomplete:
-            raise RuntimeError(f"prediction ended with shards {incomplete[:10]} incomplete")
-        shards = [complete[i] for i in range(plan.count)]
-        delete_slices(output, storage_options, redundant + unlisted(output, storage_options, shards))
-        errors = gather_errors(output, storage_options, shards)
-        write_table(storage.join(output, ERRORS), errors, storage_options)
+        shards, errors = settle(output, storage_options, plan, Slices({**resumed.by_shard, **slices.by_shard}), "prediction")
         seconds = time.perf_counter() - started
         rows = sum(s.rows for s in shards)
         manifest = PredictionsManifest(
@@ -138,40 +125,6 @@ def predict(
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=round(seconds, 3),
             images_per_s=round(rows / seconds, 2) if seconds > 0 and rows else None,
         )
-        try:
-            storage.create_bytes(storage.join(output, MANIFEST),
-                                 json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode(), storage_options)
-        except FileExistsError:
-            raise FileExistsError(f"another job committed predictions at {output!r} first") from None
-        storage.delete(storage.join(output, ATTEMPT), storage_options)
+        commit_manifest(output, manifest, storage_options, "predictions")
     log.info("predicted %d images (%d errors) in %.1fs -> %s", rows, errors.num_rows, seconds, output)
     return PredictResult(output, rows, int(errors.num_rows), seconds, manifest)
-
-
-def _track(slices: Slices, batch: dict[str, np.ndarray]) -> None:
-    shards, keys, ok = np.asarray(batch["shard"]), np.asarray(batch["slice"], dtype=object), np.asarray(batch["ok"])
-    ids, sizes, nodes = np.asarray(batch["row_id"]), np.asarray(batch["bytes"]), np.asarray(batch["node"], dtype=object)
-    for sid in np.unique(shards):
-        for key in np.unique(keys[shards == sid]):
-            m = (shards == sid) & (keys == key)
-            if str(key) not in slices.by_shard.get(int(sid), {}):
-                slices.add(int(sid), str(key), ids[m & ok], ids[m & ~ok], int(sizes[m].sum()), str(nodes[m][0]))
-
-
-def _prepare(output: str, storage_options: dict | None, fp: str, plan: ShardPlan, committed: dict | None,
-             overwrite: bool) -> tuple[list[int], Slices]:
-    if committed is not None or (read_json(storage.join(output, ATTEMPT), storage_options) or {}).get("fingerprint") \
-            not in (None, fp):
-        if not overwrite:
-            raise FileExistsError(f"{output!r} already holds predictions of another model or input (fingerprint "
-                                  f"{(committed or {}).get('fingerprint')}); pass overwrite=True or choose another output")
-        clear(output, storage_options)
-    attempt = read_json(storage.join(output, ATTEMPT), storage_options)
-    if attempt is None or attempt.get("plan") != plan.to_dict():
-        clear(output, storage_options)
-        write_json(storage.join(output, ATTEMPT), {"fingerprint": fp, "plan": plan.to_dict()}, storage_options)
-        return list(range(plan.count)), Slices()
-    found = existing_slices(output, storage_options)
-    complete, incomplete, redundant = assemble(plan, found, range(plan.count))
-    delete_slices(output, storage_options, [(s, k) for s in incomplete for k in found.by_shard.get(s, {})] + redundant)
-    return sorted(incomplete), found.only(complete.values())

@@ -41,7 +41,7 @@ from .sources import readable
 
 __all__ = ["ShardPlan", "PartWriter", "Slices", "existing_slices", "assemble", "delete_slices", "gather_errors",
            "unlisted", "to_arrow_columns", "read_json", "write_json", "read_table", "write_table", "clear", "part_path",
-           "MANIFEST", "ATTEMPT", "ERRORS"]
+           "prepare_output", "settle", "commit_manifest", "MANIFEST", "ATTEMPT", "ERRORS"]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,25 @@ class Slices:
         self.by_shard.setdefault(shard, {})[key] = (np.asarray(good, dtype=np.int64), np.asarray(bad, dtype=np.int64),
                                                      size, node)
 
+    def add_summaries(self, batch: dict[str, np.ndarray]) -> list[tuple[int, int, int]]:
+        """Record the slices a batch of per-row summaries reports (columns ``shard``,
+        ``slice``, ``row_id``, ``ok``, ``bytes``, ``node``, as the actors return them). A
+        slice already known (a retried call rewrote the same rows) is skipped. Returns
+        (shard, good rows, error rows) of each new slice."""
+        shards, keys, ok = np.asarray(batch["shard"]), np.asarray(batch["slice"], dtype=object), np.asarray(batch["ok"])
+        ids, sizes, nodes = np.asarray(batch["row_id"]), np.asarray(batch["bytes"]), np.asarray(batch["node"], dtype=object)
+        added = []
+        for sid in np.unique(shards):
+            in_shard = shards == sid
+            for key in np.unique(keys[in_shard]):
+                if str(key) in self.by_shard.get(int(sid), {}):
+                    continue
+                m = in_shard & (keys == key)
+                good, bad = ids[m & ok], ids[m & ~ok]
+                self.add(int(sid), str(key), good, bad, int(sizes[m].sum()), str(nodes[m][0]))
+                added.append((int(sid), len(good), len(bad)))
+        return added
+
     def rows_in(self, shard: int) -> int:
         return sum(len(g) + len(b) for g, b, _, _ in self.by_shard.get(shard, {}).values())
 
@@ -312,3 +331,65 @@ def clear(output: str, storage_options: dict | None) -> None:
     for folder in ("shards", "errors"):
         if storage.exists(storage.join(output, folder), storage_options):
             storage.retrying(lambda: fs.rm(f"{root}/{folder}", recursive=True), f"delete {output}/{folder}")
+
+
+def prepare_output(output: str, storage_options: dict | None, fp: str, plan: ShardPlan, committed: dict | None,
+                   overwrite: bool, what: str) -> tuple[list[int], Slices]:
+    """Make ``output`` ready for a run (under its lease). Returns the shards it still needs
+    (all of them, or those an interrupted attempt with the same fingerprint and plan left
+    incomplete) and the slices of the complete ones. Another run's ``what`` (``features``,
+    ``predictions``), committed or unfinished, is cleared only with ``overwrite``; an
+    unfinished attempt of the same fingerprint with another plan (another shard size) holds
+    the same rows and is discarded."""
+    if committed is not None:
+        if not overwrite:
+            raise FileExistsError(
+                f"{output!r} already holds {what} with fingerprint {committed.get('fingerprint')}, "
+                f"but this run's fingerprint is {fp} (another model, preprocessing, dtype or input); "
+                "pass overwrite=True to replace them, or choose another output"
+            )
+        clear(output, storage_options)
+    attempt = read_json(storage.join(output, ATTEMPT), storage_options)
+    if attempt is not None and attempt.get("fingerprint") != fp and not overwrite:
+        raise FileExistsError(f"{output!r} holds unfinished {what} with fingerprint {attempt.get('fingerprint')}, "
+                              f"not this run's {fp}; pass overwrite=True to discard them, or choose another output")
+    if attempt is None or attempt.get("fingerprint") != fp or attempt.get("plan") != plan.to_dict():
+        clear(output, storage_options)  # also the stray slices of a run that died before writing its attempt
+        write_json(storage.join(output, ATTEMPT), {"fingerprint": fp, "plan": plan.to_dict()}, storage_options)
+        return list(range(plan.count)), Slices()
+    found = existing_slices(output, storage_options)
+    complete, incomplete, redundant = assemble(plan, found, range(plan.count))
+    stale = [(sid, key) for sid in incomplete for key in found.by_shard.get(sid, {})]
+    delete_slices(output, storage_options, stale + redundant)
+    if complete:
+        log.info("resuming %s at %s: %d of %d shards already written", what, output, len(complete), plan.count)
+    return sorted(incomplete), found.only(complete.values())
+
+
+def settle(output: str, storage_options: dict | None, plan: ShardPlan, slices: Slices, what: str) -> tuple[list[Shard], pa.Table]:
+    """The manifest entries of every planned shard and the gathered error rows (written to
+    ``errors.parquet``); redundant and unlisted slices are deleted.
+
+    Raises:
+        RuntimeError: a planned shard is incomplete (rows were lost).
+    """
+    complete, incomplete, redundant = assemble(plan, slices, range(plan.count))
+    if incomplete:
+        raise RuntimeError(f"{what} lost rows: shards {incomplete[:10]} are incomplete")
+    shards = [complete[i] for i in range(plan.count)]
+    delete_slices(output, storage_options, redundant + unlisted(output, storage_options, shards))
+    errors = gather_errors(output, storage_options, shards)
+    write_table(storage.join(output, ERRORS), errors, storage_options)
+    return shards, errors
+
+
+def commit_manifest(output: str, manifest: Any, storage_options: dict | None, what: str) -> None:
+    """The commit: the manifest is created, never overwritten, so two jobs cannot both
+    commit; then the attempt record goes."""
+    try:
+        storage.create_bytes(storage.join(output, MANIFEST), json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode(),
+                             storage_options)
+    except FileExistsError:
+        raise FileExistsError(f"another job committed {what} at {output!r} first; this run's shards were not "
+                              "committed") from None
+    storage.delete(storage.join(output, ATTEMPT), storage_options)

@@ -46,7 +46,7 @@ from surgery.schema import Schema
 
 from .train import FitResult
 
-__all__ = ["Stage", "run_stages", "stage_model"]
+__all__ = ["Stage", "run_stages", "stage_model", "stage_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,21 @@ def stage_model(model: fx.GraphModule, stage: Stage, pretrained_bn: set[str]) ->
     return m
 
 
+def stage_problems(model: fx.GraphModule, stages: Sequence[Stage]) -> list[tuple[str, Exception]]:
+    """Every vertex the stages freeze to or unfreeze that ``model`` lacks, as (path such as
+    ``[1].unfreeze``, the error naming it and its closest matches)."""
+    table = vertex_table(model)
+    problems: list[tuple[str, Exception]] = []
+    for i, stage in enumerate(stages):
+        for key, names in (("frozen", [stage.frozen] if stage.frozen is not None else []), ("unfreeze", stage.unfreeze)):
+            for vertex in names:
+                try:
+                    resolve_many(model, vertex, table)
+                except Exception as exc:
+                    problems.append((f"[{i}].{key}", exc))
+    return problems
+
+
 def run_stages(
     model: fx.GraphModule,
     stages: Sequence[Stage | dict[str, Any]],
@@ -135,10 +150,9 @@ def run_stages(
     plan = [s if isinstance(s, Stage) else Stage.from_dict(s) for s in stages]
     if not plan:
         raise ValueError("stages is empty: give at least one Stage (or stages=None for one run)")
-    table = vertex_table(model)
-    for stage in plan:  # every stage's vertices are checked before the first one trains
-        for vertex in ([stage.frozen] if stage.frozen is not None else []) + list(stage.unfreeze):
-            resolve_many(model, vertex, table)
+    problems = stage_problems(model, plan)  # every stage's vertices are checked before the first one trains
+    if problems:
+        raise problems[0][1]
     pretrained_bn = {n for n, bn in _batchnorms(model).items() if not any(p.requires_grad for p in bn.parameters())}
     current, results = model, []
     for i, stage in enumerate(plan):
