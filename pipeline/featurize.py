@@ -28,7 +28,7 @@ import math
 import time
 import warnings
 from datetime import datetime, timezone
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -109,7 +109,8 @@ class Featurizer:
 
             model = ray.get(model[0])
         if isinstance(model, (bytes, bytearray)):  # TorchScript (see script_frozen)
-            model = torch.jit.load(io.BytesIO(model), map_location="cpu")
+            with _quiet_jit():
+                model = torch.jit.load(io.BytesIO(model), map_location="cpu")
         if threads:
             torch.set_num_threads(int(threads))
         use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -171,6 +172,17 @@ class Featurizer:
         return self.writer(result) if self.writer is not None else result
 
 
+@contextlib.contextmanager
+def _quiet_jit() -> Iterator[None]:
+    """torch 2.x deprecates ``torch.jit.save``/``load`` in favour of ``torch.export`` with a
+    FutureWarning on every call (in the driver and in every actor); TorchScript is still
+    what ships a graph without timm here (see :func:`script_frozen`), so the users of
+    freezeray are not shown a warning meant for its developers."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.(save|load)` is deprecated", category=FutureWarning)
+        yield
+
+
 def script_frozen(frozen: fx.GraphModule, config: PreprocessConfig) -> bytes | None:
     """The frozen sub-graph as TorchScript (traced on the model's input size), which a model
     actor loads without importing the libraries its modules come from: timm alone is 1.7 s
@@ -189,7 +201,8 @@ def script_frozen(frozen: fx.GraphModule, config: PreprocessConfig) -> bytes | N
         if len(want) != len(got) or not all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(want, got)):
             return None
         buf = io.BytesIO()
-        torch.jit.save(traced, buf)
+        with _quiet_jit():
+            torch.jit.save(traced, buf)
         return buf.getvalue()
     except Exception as exc:  # tracing is an optimisation: the graph itself always works
         log.debug("the frozen graph does not trace to TorchScript (%s); actors get the graph", exc)
