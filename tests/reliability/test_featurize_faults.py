@@ -186,12 +186,18 @@ def test_s3_stopped_and_restarted_mid_write_is_retried_to_success(ray_session, s
     fset = featurize(model, source, out, storage_options=s3.storage_options, dtype="float32", shard_rows=12,
                      resources=Resources(cpus_per_worker=0.5), progress=outage_after_first_shard)
     down = outages[0].result(timeout=120)
-    # the writes happen in the model actors: their retries reach this terminal as Ray worker output
-    deadline, seen = time.monotonic() + 15, ""
-    while "retrying" not in seen and time.monotonic() < deadline:
+    # the writes happen in the model actors: their retries reach this terminal as Ray worker output, and Ray's
+    # session logs in any case (forwarding to the terminal can lag or be deduplicated)
+    logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs"
+    deadline, seen, retried = time.monotonic() + 15, "", []
+    while not retried and time.monotonic() < deadline:
         time.sleep(0.5)
         seen += "".join(capfd.readouterr())
-    retried = [line for line in seen.splitlines() if "retrying" in line]
+        logged = "".join(f.read_text(errors="replace") for f in logs.glob("worker-*") if f.is_file())
+        hit = [[line for line in text.splitlines()
+                if "retrying" in line and ("fault-images/outage" in line or "fault-images/set" in line)]
+               for text in (logged, seen)]
+        retried = hit[0] or hit[1]  # one source, so each retry counts once
     assert retried, "no write or read hit the outage"
     checked, lost = _check_complete(fset, files, model)
     ledger(tried=f"the S3 server stopped after 1 of 20 shards and restarted {down:.0f}s later", faults=1,
