@@ -51,18 +51,18 @@ def run(images: int = 96, image_size: int = 224) -> dict[str, Any]:
 
     import pipeline
 
-    fmod = importlib.import_module("pipeline.featurize")  # the module (pipeline.featurize is the function)
+    fmod = importlib.import_module("pipeline.shards")
 
     start_ray()
     received = {"bytes": 0}
-    add = fmod._Tracker.add
+    add = fmod.Tracker.add
 
     def counting_add(self, summary):  # what the driver reads from Ray Data, batch by batch
         received["bytes"] += _summary_bytes(summary)
         return add(self, summary)
 
     rows = []
-    fmod._Tracker.add = counting_add
+    fmod.Tracker.add = counting_add
     try:
         runs = (("efficientnet_lite0 global_pool", lambda: frozen_lite0(image_size, random_weights=True), images),
                 ("vgg16 block5_pool", lambda: _vgg16_block5(image_size), images),
@@ -88,7 +88,7 @@ def run(images: int = 96, image_size: int = 224) -> dict[str, Any]:
                          "driver_received_bytes_per_row": received["bytes"] / fset.rows,
                          "driver_peak_growth_mb": (mem.driver - base_rss) / 2**20})
     finally:
-        fmod._Tracker.add = add
+        fmod.Tracker.add = add
     narrow, wide, more = rows
     return {"settings": {"images": images, "image_size": image_size}, "rows": rows,
             "received_ratio_wide_over_narrow": wide["driver_received_bytes_per_row"] / narrow["driver_received_bytes_per_row"],

@@ -27,9 +27,10 @@ def synthetic_features(model: Any, out: str, rows: int, classes: int = 4, rows_p
     """A committed feature set of ``rows`` random features (separable by class) that
     ``fit_head`` accepts for ``model``: the same parts and manifest as featurize."""
     import surgery
+    from pipeline.commit import commit_version
     from pipeline.features import FeatureSet
     from pipeline.manifest import FeaturesManifest, Part, Shard, SourceInfo
-    from pipeline.shards import ERRORS, MANIFEST, part_path, to_arrow_columns, write_json, write_table
+    from pipeline.shards import to_arrow_columns, write_table
     from surgery import storage
 
     parts = surgery.split(model)
@@ -44,17 +45,17 @@ def synthetic_features(model: Any, out: str, rows: int, classes: int = 4, rows_p
         ids = np.arange(i * rows_per_shard, i * rows_per_shard + n, dtype=np.int64)
         table_ = pa.table(to_arrow_columns({"row_id": ids, "path": np.asarray([f"synthetic/{j}" for j in ids], dtype=object),
                                             "label": labels, "features": feats}))
-        path = part_path(i, "synthetic")
+        path = f"shards/part-{i:05d}-synthetic.parquet"
         size = write_table(storage.join(out, path), table_, None)
-        shards.append(Shard(shard=i, rows=n, errors=0, bytes=size, parts=[Part(path=path, rows=n, bytes=size)]))
-    write_table(storage.join(out, ERRORS), pa.table({"row_id": pa.array([], pa.int64()), "path": pa.array([], pa.string()),
-                                                     "reason": pa.array([], pa.string())}), None)
+        shards.append(Shard(shard=i, name=f"part-{i:05d}", rows=n, errors=0, bytes=size,
+                            parts=[Part(path=path, rows=n, bytes=size)]))
     manifest = FeaturesManifest(
         fingerprint="synthetic", model_fingerprint=surgery.frozen_fingerprint(model), model="efficientnet_lite0",
         boundary=list(parts.boundary), feature_columns=["features"], feature_shapes=[[width]], dtype="float16",
         preprocessing=surgery.get_info(model).preprocessing.to_dict(), classes=[f"class{c}" for c in range(classes)],
-        source=SourceInfo(uri="synthetic", rows=rows), rows=rows, errors=0, shards=shards)
-    write_json(storage.join(out, MANIFEST), manifest.to_dict(), None)
+        source=SourceInfo(uri="synthetic", rows=rows, shards=len(shards)), rows=rows, errors=0, shards=shards,
+        stride=rows_per_shard)
+    commit_version(out, manifest, None, "features")
     return FeatureSet.open(out)
 
 

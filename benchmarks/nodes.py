@@ -46,9 +46,9 @@ t = time.perf_counter()
 fset = pipeline.featurize(model, root, out, preprocessing=config)
 seconds = time.perf_counter() - t
 per_node = {}
-for shard in fset.shards:
-    for part in shard.parts:
-        per_node[part.node] = per_node.get(part.node, 0) + part.rows
+for shard in fset.shards:  # the node whose actors computed most of its rows
+    node = shard.nodes[0] if shard.nodes else shard.parts[0].node
+    per_node[node] = per_node.get(node, 0) + shard.rows
 print("RESULT " + json.dumps({"rows": fset.rows, "seconds": seconds, "rows_per_node": per_node,
                               "nodes_alive": len([n for n in ray.nodes() if n["Alive"]])}))
 ray.shutdown()

@@ -246,6 +246,8 @@ def _check_images(cfg: RunConfig, key: str, uri: str | None, problems: list[str]
     if labeled and not src.labeled:
         problems.append(f"data.{key}: {uri!r} has images without labels; training needs class folders or a label column")
         return None
+    if labeled and src.sharded and not src.classes:
+        return None  # integer labels of tar shards: their classes are known once the shards are read
     if labeled and len(src.classes) < 2:
         problems.append(f"data.{key}: {uri!r} has {len(src.classes)} class ({', '.join(src.classes)}); "
                         "a classifier needs at least two")

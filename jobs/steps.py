@@ -87,7 +87,7 @@ def featurize_step(cfg: RunConfig, model: fx.GraphModule, progress: Progress | N
         src = pipeline.read_images(resolve(cfg, uri), opts, classes=classes)
         classes = classes or src.classes
         if progress is not None:
-            progress(f"featurize {split}", {"event": "start", "total": len(src), "unit": "images"})
+            progress(f"featurize {split}", {"event": "start", "total": src.rows, "unit": "images"})
         out[split] = pipeline.featurize(
             model, src, _feature_uri(cfg, split), storage_options=opts, boundary=f.boundary, image_size=f.image_size,
             dtype=f.dtype, batch_size=f.batch_size, resources=f.resources, shard_rows=f.shard_rows,

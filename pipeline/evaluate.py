@@ -25,12 +25,10 @@ from surgery.objective import LossSpec, loss_specs
 from surgery.preprocess import PreprocessConfig, normalize
 
 from .features import FeatureSet
+from .readers import ReadSpec, decode_memory, readable, rows_dataset, source_rows
 from .resources import Resources
-from .shards import (
-    MANIFEST,
-    PartWriter,
-)
-from .sources import ImageSource, decode_dataset, read_images, readable
+from .shards import MANIFEST, SliceWriter
+from .sources import ImageSource, read_images
 
 __all__ = ["evaluate", "Scorer", "EvalResult"]
 
@@ -63,7 +61,7 @@ class Scorer:
         self.config = PreprocessConfig.from_dict(preprocessing) if preprocessing else None
         self.columns = tuple(feature_columns)
         self.autocast = autocast and self.device.type == "cuda"
-        self.writer = PartWriter.from_dict(writer) if writer is not None else None
+        self.writer = SliceWriter.from_dict(writer) if writer is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["row_id"])
@@ -92,7 +90,7 @@ class Scorer:
                     losses[ok] = per_row.cpu().numpy()
             probs = np.zeros((n, p.shape[1]), dtype=np.float32)
             probs[ok] = p.cpu().numpy()
-        result = {k: batch[k] for k in ("row_id", "path", "label", "shard") if k in batch}
+        result = {k: batch[k] for k in ("row_id", "path", "label", "shard", "index", "last") if k in batch}
         result.update(error=errors, probabilities=probs, predicted=probs.argmax(1).astype(np.int32), loss=losses)
         return self.writer(result) if self.writer is not None else result
 
@@ -163,49 +161,61 @@ def _is_feature_set(data: Any, storage_options: dict | None) -> bool:
     return storage.exists(storage.join(str(data), MANIFEST), storage_options)
 
 
-def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batch_size: int, resources: Resources | None,
-            image_size: int | None, classes: Sequence[str] | None,
-            writer: dict[str, Any] | None = None) -> tuple[Any, tuple[str, ...], str]:
-    """A Ray Dataset of scored rows for ``data`` (or, with ``writer``, of the summaries of
-    rows written where they were scored), its classes, and what it is."""
-    import ray
-    import ray.data
-
-    from surgery.preprocess import model_preprocessing
-
-    from .runtime import actor_memory, ensure_ray, plan_actors
+def _pool(model: fx.GraphModule, resources: Resources | None, on_features: bool) -> Any:
+    from .runtime import ensure_ray, plan_actors
 
     ensure_ray()
     specs = loss_specs(model)
     if len(specs) != 1:
         raise ValueError(f"evaluate/predict need a model with one output; it has {len(specs)}")
-    on_features = _is_feature_set(data, storage_options)
     # a head on features is cheap: one actor, unless asked; images get the featurization plan
     if on_features and (resources is None or resources.num_workers is None):
         resources = (resources or Resources()).model_copy(update={"num_workers": 1})
-    pool = plan_actors(resources)
+    return specs[0], plan_actors(resources)
+
+
+def _score(ds: Any, model: fx.GraphModule, kwargs: dict[str, Any], pool: Any, batch_size: int, config: Any) -> Any:
+    import ray
+    import ray.data
+
+    from .runtime import actor_memory
+
+    kwargs = {**kwargs, "model": [ray.put(model)], "threads": pool.threads}
+    return ds.map_batches(Scorer, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=kwargs,
+                          compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
+                          memory=actor_memory(model, config, batch_size))
+
+
+def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batch_size: int, resources: Resources | None,
+            image_size: int | None, classes: Sequence[str] | None) -> tuple[Any, tuple[str, ...], str]:
+    """A Ray Dataset of scored rows for ``data``, its classes, and what it is."""
+    from surgery.preprocess import model_preprocessing
+
+    on_features = _is_feature_set(data, storage_options)
+    spec, pool = _pool(model, resources, on_features)
     if on_features:
         fset = data if isinstance(data, FeatureSet) else FeatureSet.open(str(data), storage_options)
         fset.check(model)
-        head = split(model).unfrozen
-        ds = fset.to_dataset()
-        kwargs = {"model": [ray.put(head)], "inputs": "features", "loss": specs[0].to_dict(),
-                  "feature_columns": list(fset.feature_columns)}
-        memory = actor_memory(head, None, batch_size)
-        names, what = fset.classes, f"feature set {fset.uri}"
-    else:
-        src = data if isinstance(data, ImageSource) else read_images(str(data), storage_options, classes=classes)
-        config = model_preprocessing(model, None, image_size)
-        ds = decode_dataset(src.table, config, src.storage_options, num_cpus=pool.decode_cpus)
-        kwargs = {"model": [ray.put(model)], "inputs": "pixels", "loss": specs[0].to_dict(), "preprocessing": config.to_dict()}
-        memory = actor_memory(model, config, batch_size)
-        names, what = src.classes, f"images {src.uri}"
-    kwargs["threads"] = pool.threads
-    kwargs["writer"] = writer
-    ds = ds.map_batches(Scorer, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=kwargs,
-                        compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
-                        memory=memory)
-    return ds, tuple(names), what
+        kwargs = {"inputs": "features", "loss": spec.to_dict(), "feature_columns": list(fset.feature_columns)}
+        return _score(fset.to_dataset(), split(model).unfrozen, kwargs, pool, batch_size, None), fset.classes, \
+            f"feature set {fset.uri}"
+    src = data if isinstance(data, ImageSource) else read_images(str(data), storage_options, classes=classes)
+    config = model_preprocessing(model, None, image_size)
+    kwargs = {"inputs": "pixels", "loss": spec.to_dict(), "preprocessing": config.to_dict()}
+    ds = source_rows(src, config, num_cpus=pool.decode_cpus)
+    return _score(ds, model, kwargs, pool, batch_size, config), tuple(src.classes), f"images {src.uri}"
+
+
+def scored_rows(model: fx.GraphModule, src: ImageSource, shards: list[tuple[int, Any]], stride: int,
+                writer: dict[str, Any], batch_size: int, resources: Resources | None, config: Any) -> Any:
+    """Predictions of these shards of ``src``, written where they are scored (``writer``):
+    a Ray Dataset of slice summaries (for :func:`pipeline.predict`)."""
+    spec, pool = _pool(model, resources, False)
+    read = ReadSpec(src.storage_options, config.to_dict(), stride, options=src.options.to_dict(),
+                    classes=tuple(src.classes), root=src.root)
+    ds = rows_dataset(src, shards, read, pool.decode_cpus, decode_memory(config, read.batch_size), 4 * read.batch_size)
+    kwargs = {"inputs": "pixels", "loss": spec.to_dict(), "preprocessing": config.to_dict(), "writer": writer}
+    return _score(ds, model, kwargs, pool, batch_size, config)
 
 
 def _local_scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batch_size: int,
@@ -270,6 +280,8 @@ def evaluate(
     confusion = np.zeros((k, k), dtype=np.int64)
     loss_sum, loss_rows, errors, unlabeled = 0.0, 0, 0, 0
     for batch in batches:
+        if "index" in batch:  # a shard's end marker is not a row
+            batch = {k: np.asarray(v)[np.asarray(batch["index"]) >= 0] for k, v in batch.items()}
         bad = ~readable(batch["error"])
         errors += int(bad.sum())
         labels = np.asarray(batch["label"])[~bad]

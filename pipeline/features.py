@@ -11,8 +11,10 @@ import torch
 
 from surgery import storage
 
+from .commit import latest
 from .manifest import FEATURES_FORMAT, FeaturesManifest, Shard
-from .shards import MANIFEST, read_json, read_table
+from .readers import row_side
+from .shards import ERROR_SCHEMA, MANIFEST, read_table
 
 __all__ = ["FeatureSet", "FEATURES_FORMAT", "FeatureMismatch", "split_rows"]
 
@@ -38,12 +40,12 @@ class FeatureSet:
 
     @classmethod
     def open(cls, uri: str, storage_options: dict[str, Any] | None = None) -> "FeatureSet":
-        """Open a committed output. Raises ``FileNotFoundError`` when ``uri`` has no manifest
-        (nothing there, or a run that has not committed)."""
-        data = read_json(storage.join(uri, MANIFEST), storage_options)
+        """Open the newest committed version of an output. Raises ``FileNotFoundError`` when
+        ``uri`` has no manifest (nothing there, or a run that has not committed)."""
+        data = latest(uri, storage_options)
         if data is None:
             raise FileNotFoundError(f"no committed feature set at {uri!r} (no {MANIFEST}); run pipeline.featurize first")
-        if data.get("format") not in ("freezeray.features/1", FEATURES_FORMAT):
+        if data.get("format") not in ("freezeray.features/1", "freezeray.features/2", FEATURES_FORMAT):
             raise ValueError(f"{uri!r}: unknown feature-set format {data.get('format')!r}")
         return cls(uri, FeaturesManifest.parse(data), storage_options)
 
@@ -82,6 +84,11 @@ class FeatureSet:
         return self.manifest.fingerprint
 
     @property
+    def version(self) -> int:
+        """1 for the first commit of this output, then one more for each commit that changed it."""
+        return self.manifest.version
+
+    @property
     def model_fingerprint(self) -> str:
         return self.manifest.model_fingerprint
 
@@ -95,12 +102,16 @@ class FeatureSet:
         return list(self.manifest.shards)
 
     def shard_uris(self) -> list[str]:
-        """Every Parquet part, in shard order."""
+        """Every Parquet file of good rows, in shard order."""
         return [storage.join(self.uri, p) for p in self.manifest.part_paths()]
 
     def errors_table(self) -> pa.Table:
-        """(row_id, path, reason) for every input that could not be featurized."""
-        return read_table(storage.join(self.uri, self.manifest.errors_file), self.storage_options)
+        """(row_id, path, reason) for every input that could not be featurized, in row-id order."""
+        if self.manifest.errors_file:  # format 2 and older: one file
+            return read_table(storage.join(self.uri, self.manifest.errors_file), self.storage_options)
+        tables = [read_table(storage.join(self.uri, s.errors_path), self.storage_options)
+                  for s in self.manifest.shards if s.errors and s.errors_path]
+        return pa.concat_tables(tables).sort_by("row_id") if tables else ERROR_SCHEMA.empty_table()
 
     def to_dict(self) -> dict[str, Any]:
         return self.manifest.to_dict()
@@ -165,12 +176,5 @@ def split_rows(batch: dict[str, np.ndarray], fraction: float, seed: int, keep: L
     """The rows of ``batch`` on one side of a seeded train/validation split by row id (the
     same row always lands on the same side, whatever the batching): ``fraction`` of the
     rows go to ``"validation"``. Works as a Ray Data batch function."""
-    ids = np.asarray(batch["row_id"]).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        h = ids * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed) * np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(31)
-        h *= np.uint64(0x94D049BB133111EB)
-        h ^= h >> np.uint64(29)
-    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    mask = (u < fraction) if keep == "validation" else (u >= fraction)
+    mask = row_side(np.asarray(batch["row_id"]), fraction, seed, keep)
     return {k: np.asarray(v)[mask] for k, v in batch.items()}

@@ -3,17 +3,22 @@ Ray Data, written as committed Parquet shards where it is computed.
 
 The job is two Ray Data stages and a commit:
 
-1. CPU tasks read the files and, with ``decode="cpu"``, decode and resize/crop them to
-   uint8 pixels (:func:`pipeline.sources.read_and_decode`); with ``decode="gpu"`` they only
-   read the bytes, which the model actors decode on their device (:mod:`pipeline.decode`).
-   A bad file becomes an error row either way;
+1. CPU tasks read the input shards (tars, Parquet files, manifest fragments: one task
+   each) or the loose files (:mod:`pipeline.readers`) and, with ``decode="cpu"``, decode
+   and resize/crop the images to uint8 pixels; with ``decode="gpu"`` they only read the
+   bytes, which the model actors decode on their device (:mod:`pipeline.decode`). A bad
+   image becomes an error row either way;
 2. a pool of model actors (:class:`Featurizer`; GPU actors when asked for or when the
    cluster has GPUs) runs the frozen sub-graph under ``torch.inference_mode`` (fp16
    autocast on GPU, ``channels_last`` for convolutional graphs on CPU and GPU) and writes
-   each batch's rows where it runs, as slices of the planned shards
-   (:class:`pipeline.shards.PartWriter`), returning a few numbers per row;
-3. the driver plans the shards, holds the output's lease, follows which shards are
-   complete, and commits a manifest. No feature byte passes through it.
+   each batch's rows where it runs (:class:`pipeline.shards.SliceWriter`), returning one
+   summary per slice;
+3. the driver plans one output shard per input shard, holds the output's lease, seals
+   each shard as it completes and commits a new version (:mod:`pipeline.output`). No
+   feature byte passes through it, and it holds nothing per row of a sharded input.
+
+Run again, it computes only what changed: new or changed input shards (loose files: new
+and changed files) are computed, unchanged ones kept, removed ones dropped.
 """
 
 from __future__ import annotations
@@ -25,10 +30,9 @@ import io
 import json
 import logging
 import math
-import time
 import warnings
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,26 +40,17 @@ import torch
 import torch.fx as fx
 
 import surgery
-from surgery import storage
 from surgery.freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes
 from surgery.helper import split
 from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, model_preprocessing, normalize
 
 from .features import FeatureSet
-from .lease import OutputLease
-from .manifest import FEATURES_FORMAT, FeaturesManifest, ShardPlan, SourceInfo
+from .manifest import FEATURES_FORMAT, FeaturesManifest, SourceInfo
+from .output import OutputJob, Progress, Written, classes_of, write_output
+from .readers import ReadSpec, decode_memory, readable, rows_dataset
 from .resources import Resources
-from .shards import (
-    ERRORS,
-    MANIFEST,
-    PartWriter,
-    Slices,
-    commit_manifest,
-    prepare_output,
-    read_json,
-    settle,
-)
-from .sources import ImageSource, bytes_dataset, decode_dataset, read_images, readable
+from .shards import SliceWriter, to_arrow_columns
+from .sources import Format, ImageSource, read_images
 
 __all__ = ["featurize", "Featurizer", "feature_model", "Decode", "default_batch_size", "Progress"]
 
@@ -63,7 +58,6 @@ log = logging.getLogger(__name__)
 
 FeatureDtype = Literal["float16", "float32"]
 Decode = Literal["auto", "cpu", "gpu"]
-Progress = Callable[[int, int, int], None]  # (shard, rows, errors), on the driver, as each shard completes
 SLICE_ROWS = 512  # rows per GPU model-actor call (a quarter on CPU, to start sooner), so the most rows in a slice
 
 
@@ -96,8 +90,8 @@ class Featurizer:
         decode: ``"cpu"``: the batch holds decoded ``pixels``; ``"gpu"``: it holds ``data``
             (the files' bytes), decoded here on ``device``.
         max_pixels: with ``decode="gpu"``: images with more pixels become error rows.
-        writer: ``PartWriter.to_dict()``: write the rows where they are computed and
-            return per-row summaries; None: return the features.
+        writer: ``SliceWriter.to_dict()``: write the rows where they are computed and
+            return one summary per slice; None: return the features.
     """
 
     def __init__(self, model: Any, preprocessing: dict[str, Any], dtype: FeatureDtype,
@@ -127,7 +121,7 @@ class Featurizer:
         self.batch_size = int(batch_size)
         self.decode = decode
         self.max_pixels = max_pixels
-        self.writer = PartWriter.from_dict(writer) if writer is not None else None
+        self.writer = SliceWriter.from_dict(writer) if writer is not None else None
 
     def _pixels(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor | None, np.ndarray]:
         """The batch's good rows as (B, H, W, C) uint8 on the device, and every row's error."""
@@ -165,7 +159,7 @@ class Featurizer:
                         chunk.append(value.float().cpu().numpy().astype(self.dtype, copy=False))
             for out, chunk in zip(outs, chunks):
                 out[ok] = np.concatenate(chunk)
-        result = {k: batch[k] for k in ("row_id", "path", "label", "shard") if k in batch}
+        result = {k: batch[k] for k in ("row_id", "path", "label", "shard", "index", "last") if k in batch}
         result["error"] = errors
         for i, out in enumerate(outs):
             result[_column(i, len(outs))] = out
@@ -237,39 +231,27 @@ def _feature_shapes(frozen: fx.GraphModule, config: PreprocessConfig) -> list[tu
     return [tuple(v.shape[1:]) for v in (y if isinstance(y, tuple) else (y,))]
 
 
-def _fingerprint(model_fp: str, boundary: Sequence[str], config: PreprocessConfig, dtype: str, listing: str) -> str:
-    h = hashlib.sha256(b"freezeray.featurize/1\n")
+def _fingerprint(model_fp: str, boundary: Sequence[str], config: PreprocessConfig, dtype: str) -> str:
+    """What features are computed from an image: the frozen part, where it is cut, the
+    preprocessing and the dtype (not which images: a set that grows is extended)."""
+    h = hashlib.sha256(b"freezeray.featurize/2\n")
     h.update(json.dumps({"model": model_fp, "boundary": list(boundary), "preprocessing": config.to_dict(),
-                         "dtype": dtype, "listing": listing}, sort_keys=True).encode())
+                         "dtype": dtype}, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
-class _Tracker:
-    """What the actors report, row by row: the slices of each shard, and which shards are
-    complete (progress is called for each, in the driver's thread)."""
-
-    def __init__(self, plan: ShardPlan, pending: Sequence[int], progress: Progress | None) -> None:
-        self.plan, self.progress = plan, progress
-        self.slices = Slices()
-        self.left = {int(i): plan.size(int(i)) for i in pending}
-        self.rows = self.errors = 0
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        for sid, good, bad in self.slices.add_summaries(batch):
-            self.rows, self.errors = self.rows + good, self.errors + bad
-            self.left[sid] = self.left.get(sid, 0) - good - bad
-            if self.left[sid] == 0 and self.progress is not None:
-                slices = self.slices.by_shard[sid].values()
-                self.progress(sid, sum(len(g) for g, _, _, _ in slices), sum(len(b) for _, b, _, _ in slices))
-
-    @property
-    def open_shards(self) -> list[int]:
-        return sorted(i for i, left in self.left.items() if left > 0)
+def _schema(shapes: Sequence[Sequence[int]], dtype: str) -> pa.Schema:
+    """The Arrow schema of a feature shard: row_id, path, label and one tensor column per boundary vertex."""
+    empty: dict[str, np.ndarray] = {"row_id": np.zeros(0, np.int64), "path": np.zeros(0, object),
+                                    "label": np.zeros(0, np.int32)}
+    for i, shape in enumerate(shapes):
+        empty[_column(i, len(shapes))] = np.zeros((0, *shape), dtype=dtype)
+    return pa.table(to_arrow_columns(empty)).schema
 
 
 def featurize(
     model: fx.GraphModule,
-    source: str | ImageSource,
+    source: str | Sequence[str] | ImageSource,
     output: str,
     *,
     storage_options: dict[str, Any] | None = None,
@@ -288,12 +270,15 @@ def featurize(
     progress: Progress | None = None,
     max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     lease_timeout: float = 300.0,
+    format: Format = "auto",
 ) -> FeatureSet:
     """Featurize an image set at the model's frozen boundary and commit it under ``output``.
 
     Args:
         model: a freezeray model with a frozen part (or any, with ``boundary``).
-        source: an image folder/manifest URI, or an :class:`ImageSource`.
+        source: an image source (see :func:`pipeline.read_images`: an ImageFolder, a
+            manifest or a folder of them, WebDataset tar shards, Parquet files with image
+            bytes; a folder, glob, brace range or list), or an :class:`ImageSource`.
         output: the folder URI for shards, errors and manifest.
         storage_options: fsspec options for ``output`` (and ``source`` when it is a URI).
         boundary: featurize at this vertex (freezing up to it) instead of the frozen set.
@@ -308,143 +293,109 @@ def featurize(
             each loading the frozen sub-graph once; ``use_gpu``; CPUs and torch threads per
             actor); left out: one actor per GPU, or on CPU-only clusters one per node using
             its cores (see ``runtime.plan_actors``).
-        decode_batch_size: images per read/decode task.
-        shard_rows: rows per planned shard; None: as many as fit in ``shard_bytes``.
+        decode_batch_size: images per read/decode batch.
+        shard_rows: loose files (a folder or one manifest) per shard; None: as many as fit
+            in ``shard_bytes`` of features. Sharded inputs keep one output shard per input shard.
         autocast: fp16 autocast on GPU actors.
         overwrite: replace an output made with a different fingerprint.
-        progress: called on the driver as ``progress(shard, rows, errors)`` as each planned
-            shard is complete (written by the actors).
+        progress: called on the driver as ``progress(shard, rows, errors)`` as each shard
+            this run computes is sealed (written by the actors, merged into its file).
         max_image_pixels: images with more pixels become error rows without being decoded
             (decompression bombs); None: Pillow's own limit only.
         lease_timeout: seconds after which the output's lease, if its holder on another
             machine stopped renewing it, is taken over (see :mod:`pipeline.lease`).
+        format: how to read a URI ``source`` (``"auto"``: recognised from its files).
 
     Returns:
-        the committed :class:`FeatureSet`. Run again with the same inputs, it returns the
-        committed set without model work; after an interrupted run (an exception, a killed
-        driver, storage that stayed down), it finishes the incomplete shards only.
+        the committed :class:`FeatureSet`. Run again with the same model and images, it
+        returns the committed set without model work; with images added, changed or
+        removed, it computes only those and commits a new version (``FeatureSet.version``);
+        after an interrupted run (an exception, a killed driver, storage that stayed down),
+        it finishes the unfinished shards only.
 
     Raises:
         FileExistsError: ``output`` holds features with another fingerprint (and not ``overwrite``).
         LeaseHeld: another live job is writing to ``output``.
         StorageUnavailable: storage failed for longer than the retry window; nothing is
-            committed and the shards written so far are kept for the next run.
+            committed and the shards sealed so far are kept for the next run.
     """
-    import ray
-
-    from .runtime import actor_memory, ensure_ray, plan_actors
-
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
     if decode not in ("auto", "cpu", "gpu"):
         raise ValueError(f"decode must be 'auto', 'cpu' or 'gpu', got {decode!r}")
-    for name, value in (("batch_size", batch_size), ("decode_batch_size", decode_batch_size)):
+    for name, value in (("batch_size", batch_size), ("decode_batch_size", decode_batch_size), ("shard_rows", shard_rows)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    src = source if isinstance(source, ImageSource) else read_images(source, storage_options)
+    src = source if isinstance(source, ImageSource) else read_images(source, storage_options, format=format)
     feat_model = feature_model(model, boundary)
     parts = split(feat_model)
     config = model_preprocessing(model, preprocessing, image_size)
     shapes = _feature_shapes(parts.frozen, config)
     model_fp = surgery.frozen_fingerprint(feat_model)
-    fp = _fingerprint(model_fp, parts.boundary, config, dtype, src.listing_hash())
+    row_bytes = sum(math.prod(s) for s in shapes) * np.dtype(dtype).itemsize
+    job = OutputJob(output, storage_options, _fingerprint(model_fp, parts.boundary, config, dtype), "features",
+                    overwrite, lease_timeout, shard_rows or int(min(8192, max(64, shard_bytes // max(1, row_bytes)))))
+    settings = {"config": config, "dtype": dtype, "shapes": shapes, "batch_size": batch_size, "decode": decode,
+                "resources": resources, "decode_batch_size": decode_batch_size, "autocast": autocast,
+                "max_pixels": max_image_pixels}
 
-    committed = read_json(storage.join(output, MANIFEST), storage_options)
-    if committed is not None and committed.get("fingerprint") == fp:
-        log.info("features at %s are up to date (fingerprint %s): reusing them, nothing recomputed", output, fp)
-        return FeatureSet(output, FeaturesManifest.parse(committed), storage_options, reused=True)
-    with OutputLease(output, storage_options, lease_timeout) as lease:
-        committed = read_json(storage.join(output, MANIFEST), storage_options)  # again, now that we hold the lease
-        if committed is not None and committed.get("fingerprint") == fp:
-            return FeatureSet(output, FeaturesManifest.parse(committed), storage_options, reused=True)
-        row_bytes = sum(math.prod(s) for s in shapes) * np.dtype(dtype).itemsize
-        rows_per_shard = shard_rows or int(min(8192, max(64, shard_bytes // max(1, row_bytes))))
-        plan = ShardPlan(total=len(src), rows_per_shard=rows_per_shard)
-        pending, resumed = prepare_output(output, storage_options, fp, plan, committed, overwrite, "features")
+    def compute(shards: list[tuple[int, Any]], writer: dict[str, Any], stride: int) -> Any:
+        return _actors(parts.frozen, src, shards, writer, stride, settings)
 
-        start = time.perf_counter()
-        shard_ids = plan.shard_of(np.arange(len(src)))
-        table = src.table.append_column("shard", pa.array(shard_ids.astype(np.int64))).filter(
-            pa.array(np.isin(shard_ids, pending)))
-        tracker = _Tracker(plan, pending, progress)
-        if table.num_rows:
-            ensure_ray()
-            pool = plan_actors(resources)
-            gpu_decode = decode == "gpu" or (decode == "auto" and pool.gpus > 0)
-            batch = batch_size or default_batch_size(pool.gpus > 0)
-            call_rows = min(rows_per_shard, max(batch, SLICE_ROWS if pool.gpus > 0 else SLICE_ROWS // 4))
-            block = min(rows_per_shard, 4 * decode_batch_size)
-            if gpu_decode:
-                ds = bytes_dataset(table, src.storage_options, decode_batch_size, rows_per_block=block,
-                                   num_cpus=pool.decode_cpus)
-            else:
-                ds = decode_dataset(table, config, src.storage_options, decode_batch_size, rows_per_block=block,
-                                    max_pixels=max_image_pixels, num_cpus=pool.decode_cpus)
-            writer = PartWriter(output, storage_options, ("row_id", "path", "label", *(_column(i, len(shapes))
-                                                                                        for i in range(len(shapes)))),
-                                lease.owner)
-            ds = ds.map_batches(
-                Featurizer, batch_size=call_rows, batch_format="numpy",
-                fn_constructor_kwargs={"model": [ray.put(script_frozen(parts.frozen, config) or parts.frozen)],
-                                       "preprocessing": config.to_dict(), "dtype": dtype,
-                                       "feature_shapes": [list(s) for s in shapes], "autocast": autocast,
-                                       "threads": pool.threads, "batch_size": batch,
-                                       "decode": "gpu" if gpu_decode else "cpu", "max_pixels": max_image_pixels,
-                                       "writer": writer.to_dict()},
-                compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
-                memory=actor_memory(parts.frozen, config, batch),
-            )
-            try:
-                for summary in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    tracker.add(summary)
-            except Exception as exc:
-                raise _unwrapped(exc) from exc
-            if tracker.open_shards:
-                raise RuntimeError(f"featurization ended with shards {tracker.open_shards[:10]} incomplete")
-        seconds = time.perf_counter() - start
-        lease.check()
-        return _commit(output, storage_options, src, plan, fp, model_fp, feat_model, parts.boundary, shapes, dtype,
-                       config, seconds, resumed, tracker)
+    def finish(w: Written) -> FeaturesManifest:
+        return _manifest(w, job, src, model_fp, feat_model, parts.boundary, shapes, dtype, config)
+
+    manifest, reused = write_output(job, src, compute, _schema(shapes, dtype), finish, progress)
+    return FeatureSet(output, manifest, storage_options, reused=reused)
 
 
-def _unwrapped(exc: BaseException) -> BaseException:
-    """The exception a user can act on inside Ray's wrappers (a storage outage, a lost
-    lease; Ray keeps the original as ``cause``), else ``exc``."""
-    from surgery.storage import StorageUnavailable
+def _actors(frozen: fx.GraphModule, src: ImageSource, shards: list[tuple[int, Any]], writer: dict[str, Any],
+            stride: int, s: dict[str, Any]) -> Any:
+    """The two Ray Data stages over ``shards``: read (and decode) tasks, then the model
+    actors writing slices; a dataset of slice summaries."""
+    import ray
 
-    from .lease import LeaseLost
+    from .runtime import actor_memory, plan_actors
 
-    seen: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and not any(e is s for s in seen):
-        seen.append(e)
-        if type(e) in (StorageUnavailable, LeaseLost):
-            return e
-        cause = getattr(e, "cause", None)
-        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
-    return exc
-
-
-def _commit(output: str, storage_options: dict | None, src: ImageSource, plan: ShardPlan, fp: str, model_fp: str,
-            model: fx.GraphModule, boundary: Sequence[str], shapes: list, dtype: str, config: PreprocessConfig,
-            seconds: float, resumed: Slices, tracker: _Tracker) -> FeatureSet:
-    shards, errors = settle(output, storage_options, plan, Slices({**resumed.by_shard, **tracker.slices.by_shard}),
-                            "featurization")
-    rows = sum(s.rows for s in shards)
-    if rows + errors.num_rows != len(src):
-        raise RuntimeError(f"featurization lost rows: {rows} written + {errors.num_rows} errors != {len(src)} inputs")
-    images_per_s = tracker.rows / seconds if seconds > 0 and tracker.rows else None
-    manifest = FeaturesManifest(
-        format=FEATURES_FORMAT, fingerprint=fp, model_fingerprint=model_fp, model=surgery.get_info(model).name,
-        boundary=list(boundary), feature_columns=[_column(i, len(shapes)) for i in range(len(shapes))],
-        feature_shapes=[list(s) for s in shapes], dtype=dtype, preprocessing=config.to_dict(), classes=list(src.classes),
-        source=SourceInfo(uri=src.uri, layout=src.layout, rows=len(src), listing_hash=src.listing_hash()),
-        rows=rows, errors=int(errors.num_rows), errors_file=ERRORS, shards=shards, plan=plan,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=round(seconds, 3),
-        images_per_s=round(images_per_s, 2) if images_per_s else None,
+    config = s["config"]
+    pool = plan_actors(s["resources"])
+    gpu_decode = s["decode"] == "gpu" or (s["decode"] == "auto" and pool.gpus > 0)
+    batch = s["batch_size"] or default_batch_size(pool.gpus > 0)
+    call_rows = min(stride, max(batch, SLICE_ROWS if pool.gpus > 0 else SLICE_ROWS // 4))
+    spec = ReadSpec(src.storage_options, None if gpu_decode else config.to_dict(), stride, s["decode_batch_size"],
+                    s["max_pixels"], src.options.to_dict(), tuple(src.classes), src.root)
+    ds = rows_dataset(src, shards, spec, pool.decode_cpus, decode_memory(None if gpu_decode else config, s["decode_batch_size"]),
+                      min(stride, 4 * s["decode_batch_size"]))
+    return ds.map_batches(
+        Featurizer, batch_size=call_rows, batch_format="numpy",
+        fn_constructor_kwargs={"model": [ray.put(script_frozen(frozen, config) or frozen)],
+                               "preprocessing": config.to_dict(), "dtype": s["dtype"],
+                               "feature_shapes": [list(x) for x in s["shapes"]], "autocast": s["autocast"],
+                               "threads": pool.threads, "batch_size": batch,
+                               "decode": "gpu" if gpu_decode else "cpu", "max_pixels": s["max_pixels"],
+                               "writer": writer},
+        compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
+        memory=actor_memory(frozen, config, batch),
     )
-    commit_manifest(output, manifest, storage_options, "features")
-    if tracker.rows or tracker.errors:
-        log.info("featurized %d images (%d errors) in %.1fs: %.1f images/s -> %s", tracker.rows, tracker.errors,
-                 seconds, images_per_s or 0.0, output)
-    return FeatureSet(output, manifest, storage_options)
+
+
+def _manifest(w: Written, job: OutputJob, src: ImageSource, model_fp: str, model: fx.GraphModule,
+              boundary: Sequence[str], shapes: list, dtype: str, config: PreprocessConfig) -> FeaturesManifest:
+    rows = sum(s.rows for s in w.entries)
+    errors = sum(s.errors for s in w.entries)
+    images_per_s = w.rows / w.seconds if w.seconds > 0 and w.rows else None
+    manifest = FeaturesManifest(
+        format=FEATURES_FORMAT, fingerprint=job.fingerprint, version=w.version, model_fingerprint=model_fp,
+        model=surgery.get_info(model).name, boundary=list(boundary),
+        feature_columns=[_column(i, len(shapes)) for i in range(len(shapes))],
+        feature_shapes=[list(s) for s in shapes], dtype=dtype, preprocessing=config.to_dict(),
+        classes=list(classes_of(src, w.entries)),
+        source=SourceInfo(uri=src.uri, layout=src.format, rows=rows + errors, shards=len(w.entries)),
+        rows=rows, errors=errors, shards=w.entries, stride=w.plan.stride,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=round(w.seconds, 3),
+        images_per_s=round(images_per_s, 2) if images_per_s else None, computed=w.computed, dropped=len(w.plan.dropped),
+    )
+    if w.computed:
+        log.info("featurized %d images in %d shards in %.1fs: %.1f images/s -> %s", w.rows, w.computed, w.seconds,
+                 images_per_s or 0.0, job.output)
+    return manifest

@@ -14,7 +14,6 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch.fx as fx
 
 import surgery
@@ -22,7 +21,6 @@ from surgery.finetune import FineTuneConfiguration
 from surgery.objective import check_targets, loss_specs
 from surgery.training import DEFAULT_MAX_EPOCHS, Stopping
 
-from .features import split_rows
 from .head import AUTO_VALIDATION
 from .resources import Resources
 from .stages import Stage, run_stages
@@ -101,12 +99,12 @@ def finetune(
 
     transforms = check_augment(augment)
     src = source if isinstance(source, ImageSource) else read_images(source, storage_options)
-    if len(src) == 0:
+    if src.rows == 0:
         raise ValueError("the image source has zero rows: nothing to train on")
     if not src.labeled:
         raise ValueError(f"{src.uri!r} has unlabeled images; finetune needs a label for every image")
     specs = loss_specs(model)
-    check_targets(specs, len(src.classes), src.labels)
+    check_targets(specs, len(src.classes) or None, None if src.sharded else src.labels)
     num_workers, use_gpu, cpus_per_worker = training_resources(num_workers, use_gpu, resources)
     if num_workers is None:
         from .runtime import cluster_gpus
@@ -159,21 +157,19 @@ def _stage_epochs(stage: Stage | dict[str, Any]) -> Any:
 
 
 def _split(src: Any, validation: Any, epochs: int | None, seed: int, storage_options: dict | None) -> tuple[Any, Any]:
-    """(training images, validation images or None): early stopping without validation
-    images holds out a seeded tenth, by row id, as fit_head does with features."""
+    """(training images, validation images or None), each ``(source, split)`` (see
+    :func:`pipeline.readers.image_dataset`): early stopping without validation images holds
+    out a seeded tenth, by row id, as fit_head does with features."""
     from .sources import ImageSource, read_images
 
     if validation is None and epochs is None:
-        ids = src.table.column("row_id").to_numpy()
-        rows = {"row_id": ids, "position": np.arange(len(ids))}
-        val = src.subset(split_rows(rows, AUTO_VALIDATION, seed, "validation")["position"])
-        log.info("finetune: epochs=None stops on the validation loss; holding out a seeded %.0f%% of the images (%d)",
-                 100 * AUTO_VALIDATION, len(val))
-        return src.subset(split_rows(rows, AUTO_VALIDATION, seed, "train")["position"]), val
+        log.info("finetune: epochs=None stops on the validation loss; holding out a seeded %.0f%% of the images",
+                 100 * AUTO_VALIDATION)
+        return (src, ("train", AUTO_VALIDATION, seed)), (src, ("validation", AUTO_VALIDATION, seed))
     if validation is None:
-        return src, None
+        return (src, None), None
     val = validation if isinstance(validation, ImageSource) else read_images(validation, storage_options, classes=src.classes)
-    return src, val
+    return (src, None), (val, None)
 
 
 def _from_images(model: fx.GraphModule, train: Any, val: Any, *, epochs: int | None, batch_size: int, run: str,
@@ -185,8 +181,8 @@ def _from_images(model: fx.GraphModule, train: Any, val: Any, *, epochs: int | N
 
     from surgery.preprocess import model_preprocessing
 
+    from .readers import augment_source_config, image_dataset
     from .runtime import ensure_ray
-    from .sources import augment_source_config, image_dataset
 
     started = time.perf_counter()
     config = model_preprocessing(model, None, image_size)
@@ -198,9 +194,10 @@ def _from_images(model: fx.GraphModule, train: Any, val: Any, *, epochs: int | N
         validation=val is not None, world_size=workers, run=run, storage=storage, in_memory=False, augment=augment,
     )
     ensure_ray()
-    datasets = {"train": image_dataset(train, augment_source_config(config) if augment is not None else config)}
+    datasets = {"train": image_dataset(train[0], augment_source_config(config) if augment is not None else config,
+                                       split=train[1])}
     if val is not None:
-        datasets["validation"] = image_dataset(val, config)
+        datasets["validation"] = image_dataset(val[0], config, split=val[1])
     result = run_trainer(model, settings, datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split="all"),
                          use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, storage_options=storage_options,
                          max_failures=max_failures, callback=callback)

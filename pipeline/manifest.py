@@ -1,11 +1,13 @@
 """The manifest of a committed output (features or predictions): a typed, frozen record
-of what the output holds. It is written last and created exclusively, so it is the
-commit: readers trust only the files it lists.
+of what one *version* of the output holds. Versions are created exclusively, one after the
+other (``_versions/00000001.json``, ...), and ``manifest.json`` is a copy of the newest, so
+a version is the commit: readers trust only the files it lists.
 
-Rows are planned into shards by position in the input listing (:class:`ShardPlan`);
-each shard is written as one or more *parts* by the Ray actors that compute its rows,
-where they run. A shard entry lists its parts with their rows, bytes and the node that
-wrote them.
+Each input shard (a tar, a Parquet file, a manifest fragment, or a group of loose files)
+maps to one output shard: one Parquet file of its good rows (``shards/``) and, when it has
+any, one of its error rows (``errors/``), both named from the input shard and what the
+run computed from it. A shard entry records its input (URI, size, version), so a later
+run reuses what did not change.
 """
 
 from __future__ import annotations
@@ -16,70 +18,87 @@ from pydantic import Field
 
 from surgery.schema import Schema
 
-__all__ = ["ShardPlan", "Part", "Shard", "SourceInfo", "FeaturesManifest", "PredictionsManifest", "FEATURES_FORMAT",
-           "PREDICTIONS_FORMAT", "ERRORS"]
+__all__ = ["ShardPlan", "InputRef", "Part", "Shard", "SourceInfo", "FeaturesManifest", "PredictionsManifest",
+           "FEATURES_FORMAT", "PREDICTIONS_FORMAT", "ERRORS", "parse_manifest"]
 
-FEATURES_FORMAT = "freezeray.features/2"
-PREDICTIONS_FORMAT = "freezeray.predictions/2"
-ERRORS = "errors.parquet"
+FEATURES_FORMAT = "freezeray.features/3"
+PREDICTIONS_FORMAT = "freezeray.predictions/3"
+ERRORS = "errors.parquet"  # every error row, in outputs of format 2 and older
 
 
 class ShardPlan(Schema):
-    """Input rows (in listing order) cut into shards of ``rows_per_shard``."""
+    """Format 2 and older: input rows (in listing order) cut into shards of ``rows_per_shard``."""
 
-    total: int = Field(ge=0)  # rows in the input listing
+    total: int = Field(ge=0)
     rows_per_shard: int = Field(gt=0)
 
     @property
     def count(self) -> int:
         return (self.total + self.rows_per_shard - 1) // self.rows_per_shard
 
-    def shard_of(self, positions: Any) -> Any:
-        return positions // self.rows_per_shard
-
-    def size(self, i: int) -> int:
-        return min(self.rows_per_shard, self.total - i * self.rows_per_shard)
-
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "rows_per_shard": self.rows_per_shard}
+
+
+class InputRef(Schema):
+    """The input an output shard was computed from."""
+
+    uri: str  # the input file; loose files: their list under _inputs/
+    kind: Literal["tar", "parquet", "manifest", "files"]
+    size: int = -1  # bytes, -1: unknown
+    version: str = ""  # ETag or modification time (loose files: a hash of every file's)
 
 
 class Part(Schema):
     path: str  # relative to the output folder
     rows: int = Field(ge=0)  # good rows in it
     bytes: int = Field(default=0, ge=0)
-    node: str | None = None  # the Ray node whose actor wrote it
+    node: str | None = None  # the Ray node that wrote it
 
 
 class Shard(Schema):
-    shard: int = Field(ge=0)  # the planned shard
+    shard: int = Field(ge=0)  # its number: row_id = shard * stride + index in the shard
+    name: str = ""  # the input shard's name (a tar's stem; part-00003 for a group of loose files)
+    input: InputRef | None = None  # None in format 2 and older
     rows: int = Field(ge=0)  # good rows (in its parts)
-    errors: int = Field(ge=0)  # rows that could not be read (in errors.parquet)
+    errors: int = Field(ge=0)  # rows that could not be read
     bytes: int = Field(default=0, ge=0)  # of its parts
-    parts: list[Part] = Field(default_factory=list)
+    parts: list[Part] = Field(default_factory=list)  # format 3: exactly one
+    errors_path: str | None = None  # its error rows (row_id, path, reason), when it has any
+    nodes: list[str] = Field(default_factory=list)  # the nodes whose actors computed its rows
+    label_max: int = -1  # the largest label in it (classes of integer-labelled shards)
+
+    @property
+    def path(self) -> str:
+        return self.parts[0].path
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
 class SourceInfo(Schema):
-    uri: str  # the folder or manifest the images were listed from
-    layout: str = ""  # "folder" or "manifest"
-    rows: int = 0  # images listed
-    listing_hash: str = ""  # changes when the listing does
+    uri: str  # what the images were read from
+    layout: str = ""  # folder, manifest, manifests, webdataset, parquet
+    rows: int = 0  # input rows (good and error rows)
+    shards: int = 0  # input shards
+    listing_hash: str = ""  # format 2 and older
 
 
 class _Committed(Schema):
-    fingerprint: str  # same fingerprint: reused; another: refused (or overwritten)
+    fingerprint: str  # same fingerprint: reused or extended; another: refused (or overwritten)
+    version: int = Field(default=1, ge=1)  # 1, 2, ...: each commit of this output
     source: SourceInfo
     rows: int = Field(ge=0)  # good rows in all shards
     errors: int = Field(ge=0)  # error rows
-    errors_file: str = ERRORS
     shards: list[Shard]
-    plan: ShardPlan | None = None
+    stride: int = Field(default=0, ge=0)  # row_id = shard * stride + index
+    errors_file: str | None = None  # format 2 and older: every error row in one file
+    plan: ShardPlan | None = None  # format 2 and older
     created: str = ""  # UTC, ISO 8601
     seconds: float | None = None  # wall time of the run that committed it
     images_per_s: float | None = None
+    computed: int = 0  # shards this version's run computed (the others were kept from the version before)
+    dropped: int = 0  # shards of the version before that this one no longer holds (their input is gone)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -87,9 +106,16 @@ class _Committed(Schema):
     def part_paths(self) -> list[str]:
         return [p.path for s in self.shards for p in s.parts]
 
+    def files(self) -> set[str]:
+        """Every file this version lists (relative paths)."""
+        out = {p.path for s in self.shards for p in s.parts}
+        out |= {s.errors_path for s in self.shards if s.errors_path}
+        out |= {s.input.uri for s in self.shards if s.input is not None and s.input.kind == "files"}
+        return out
+
 
 class FeaturesManifest(_Committed):
-    format: Literal["freezeray.features/2"] = FEATURES_FORMAT
+    format: Literal["freezeray.features/3"] = FEATURES_FORMAT
     model_fingerprint: str  # the frozen part that made the features (FeatureSet.check compares it)
     model: str  # the base model's name
     boundary: list[str]  # the vertices whose values are the features, in order
@@ -101,17 +127,40 @@ class FeaturesManifest(_Committed):
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> "FeaturesManifest":
-        """A manifest as read from storage; format 1 (one file per shard) is read too."""
-        if data.get("format") == "freezeray.features/1":
-            data = {**data, "format": FEATURES_FORMAT, "shards": [
-                {"shard": i, "rows": s["rows"], "errors": 0, "bytes": s.get("bytes", 0),
-                 "parts": [{"path": s["path"], "rows": s["rows"], "bytes": s.get("bytes", 0)}]}
-                for i, s in enumerate(data.get("shards", []))]}
-        return cls.from_dict(data)
+        """A manifest as read from storage; formats 1 and 2 (freezeray 0.1) are read too."""
+        return cls.from_dict(_upgrade(data, FEATURES_FORMAT))
 
 
 class PredictionsManifest(_Committed):
-    format: Literal["freezeray.predictions/2"] = PREDICTIONS_FORMAT
+    format: Literal["freezeray.predictions/3"] = PREDICTIONS_FORMAT
     model: str
     model_fingerprint: str  # the whole model's fingerprint
     classes: list[str]
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> "PredictionsManifest":
+        return cls.from_dict(_upgrade(data, PREDICTIONS_FORMAT))
+
+
+def _upgrade(data: dict[str, Any], current: str) -> dict[str, Any]:
+    """Formats 1 and 2 as format 3: their shards keep their parts, their errors one file."""
+    fmt = data.get("format", "")
+    if fmt == current:
+        return data
+    if fmt == "freezeray.features/1":
+        data = {**data, "shards": [
+            {"shard": i, "rows": s["rows"], "errors": 0, "bytes": s.get("bytes", 0),
+             "parts": [{"path": s["path"], "rows": s["rows"], "bytes": s.get("bytes", 0)}]}
+            for i, s in enumerate(data.get("shards", []))]}
+    elif fmt not in ("freezeray.features/2", "freezeray.predictions/2"):
+        return data  # the schema names what is wrong
+    plan = data.get("plan") or {}
+    return {**data, "format": current, "errors_file": data.get("errors_file") or ERRORS,
+            "stride": int(plan.get("rows_per_shard") or 0), "version": 1}
+
+
+def parse_manifest(data: dict[str, Any]) -> FeaturesManifest | PredictionsManifest:
+    """Either kind of manifest, by its format."""
+    if str(data.get("format", "")).startswith("freezeray.predictions/"):
+        return PredictionsManifest.parse(data)
+    return FeaturesManifest.parse(data)

@@ -2,11 +2,12 @@
 (one row per readable input: row_id, path, label when known, predicted, class_name,
 probabilities), an errors table, and a manifest written last.
 
-It follows featurization's commit protocol (:mod:`pipeline.shards`): the scoring actors
-write their rows where they run, one job at a time holds the output's lease, the manifest
-is created exclusively, an interrupted run resumes its incomplete shards, a committed
-output with the same fingerprint (the whole model's, the preprocessing and the input
-listing) is reused, and one with another fingerprint is refused unless ``overwrite``.
+It follows featurization's commit protocol (:mod:`pipeline.shards`, :mod:`pipeline.output`):
+the scoring actors write their rows where they run, one job at a time holds the output's
+lease (and reads the committed version again once it holds it), each version is created
+exclusively, an interrupted run resumes its unfinished shards, a committed output with the
+same fingerprint (the whole model's and the preprocessing) is reused or extended with the
+images it lacks, and one with another fingerprint is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
@@ -17,41 +18,30 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch.fx as fx
 
 import surgery
-from surgery import storage
+from surgery.objective import loss_specs
 from surgery.preprocess import model_preprocessing
 
-from .lease import OutputLease
-from .manifest import PREDICTIONS_FORMAT, PredictionsManifest, ShardPlan, SourceInfo
+from .manifest import PREDICTIONS_FORMAT, PredictionsManifest, SourceInfo
+from .output import OutputJob, Written, write_output
 from .resources import Resources
-from .shards import (
-    ERRORS,
-    MANIFEST,
-    PartWriter,
-    Slices,
-    commit_manifest,
-    prepare_output,
-    read_json,
-    settle,
-)
-from .sources import ImageSource, read_images
+from .shards import to_arrow_columns
+from .sources import Format, ImageSource, read_images
 
 __all__ = ["predict", "PredictResult"]
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = ("row_id", "path", "label", "predicted", "class_name", "probabilities")
-
 
 @dataclass
 class PredictResult:
-    output: str  # folder with shards/, errors.parquet and manifest.json
+    output: str  # folder with shards/, errors/ and manifest.json
     rows: int  # predictions written (one per readable input)
     errors: int  # inputs that could not be read
     seconds: float
@@ -59,15 +49,36 @@ class PredictResult:
     reused: bool = False  # the output already held these predictions
 
 
-def _fingerprint(model_fp: str, preprocessing: dict, listing: str) -> str:
-    h = hashlib.sha256(b"freezeray.predict/1\n")
-    h.update(json.dumps({"model": model_fp, "preprocessing": preprocessing, "listing": listing}, sort_keys=True).encode())
+def _fingerprint(model_fp: str, preprocessing: dict) -> str:
+    h = hashlib.sha256(b"freezeray.predict/2\n")
+    h.update(json.dumps({"model": model_fp, "preprocessing": preprocessing}, sort_keys=True).encode())
     return h.hexdigest()[:32]
+
+
+def _schema(classes: int) -> pa.Schema:
+    empty = {"row_id": np.zeros(0, np.int64), "path": np.zeros(0, object), "label": np.zeros(0, np.int32),
+             "predicted": np.zeros(0, np.int32), "class_name": np.zeros(0, object),
+             "probabilities": np.zeros((0, classes), np.float32)}
+    return pa.table(to_arrow_columns(empty)).schema
+
+
+def _output_width(model: fx.GraphModule, config: Any) -> int:
+    """Units of the model's (first) output: the width of the probabilities column."""
+    import torch
+
+    specs = loss_specs(model)
+    if len(specs) != 1:
+        raise ValueError(f"evaluate/predict need a model with one output; it has {len(specs)}")
+    if specs[0].n_out:
+        return int(specs[0].n_out)
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, *config.input_size))
+    return int((out[0] if isinstance(out, tuple) else out).shape[-1])
 
 
 def predict(
     model: fx.GraphModule,
-    source: str | ImageSource,
+    source: str | Sequence[str] | ImageSource,
     output: str,
     *,
     storage_options: dict[str, Any] | None = None,
@@ -77,54 +88,49 @@ def predict(
     shard_rows: int = 4096,
     overwrite: bool = False,
     lease_timeout: float = 300.0,
+    format: Format = "auto",
 ) -> PredictResult:
-    """Batch inference from raw images to Parquet under ``output``.
+    """Batch inference from raw images to Parquet under ``output``, one shard per input
+    shard (``shard_rows`` loose files per shard), by the protocol of ``featurize``.
 
     Returns:
         a :class:`PredictResult`; an output that already holds these predictions (the same
-        model, preprocessing and images) is returned as it is (``reused``).
+        model, preprocessing and images) is returned as it is (``reused``); one that holds
+        them for some of the images gets the others (a new version).
 
     Raises:
         FileExistsError: ``output`` holds other predictions (and not ``overwrite``).
         LeaseHeld: another live job is writing to ``output``.
     """
-    from .evaluate import _scored
+    from .evaluate import scored_rows
 
     started = time.perf_counter()
-    src = source if isinstance(source, ImageSource) else read_images(source, storage_options)
+    src = source if isinstance(source, ImageSource) else read_images(source, storage_options, format=format)
     info = surgery.get_info(model)
     class_names = tuple(info.classes or src.classes)
     config = model_preprocessing(model, None, image_size)
-    fp = _fingerprint(surgery.fingerprint(model), config.to_dict(), src.listing_hash())
-    committed = read_json(storage.join(output, MANIFEST), storage_options)
-    if committed is not None and committed.get("fingerprint") == fp:
-        manifest = PredictionsManifest.from_dict(committed)
-        return PredictResult(output, manifest.rows, manifest.errors, time.perf_counter() - started, manifest, True)
-    with OutputLease(output, storage_options, lease_timeout) as lease:
-        plan = ShardPlan(total=len(src), rows_per_shard=shard_rows)
-        pending, resumed = prepare_output(output, storage_options, fp, plan, committed, overwrite, "predictions")
-        shard_ids = plan.shard_of(np.arange(len(src)))
-        table = src.table.append_column("shard", pa.array(shard_ids.astype(np.int64))).filter(
-            pa.array(np.isin(shard_ids, pending)))
-        slices = Slices()
-        if table.num_rows:
-            writer = PartWriter(output, storage_options, _COLUMNS, lease.owner, class_names)
-            ds, _, _ = _scored(model, ImageSource(src.uri, table, src.classes, src.layout, src.storage_options),
-                               storage_options, batch_size, resources, image_size, None, writer=writer.to_dict())
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                slices.add_summaries(batch)
-        lease.check()
-        shards, errors = settle(output, storage_options, plan, Slices({**resumed.by_shard, **slices.by_shard}), "prediction")
-        seconds = time.perf_counter() - started
-        rows = sum(s.rows for s in shards)
-        manifest = PredictionsManifest(
-            format=PREDICTIONS_FORMAT, fingerprint=fp, model=info.name, model_fingerprint=surgery.fingerprint(model),
-            classes=list(class_names), source=SourceInfo(uri=src.uri, layout=src.layout, rows=len(src),
-                                                         listing_hash=src.listing_hash()),
-            rows=rows, errors=int(errors.num_rows), errors_file=ERRORS, shards=shards, plan=plan,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=round(seconds, 3),
-            images_per_s=round(rows / seconds, 2) if seconds > 0 and rows else None,
-        )
-        commit_manifest(output, manifest, storage_options, "predictions")
-    log.info("predicted %d images (%d errors) in %.1fs -> %s", rows, errors.num_rows, seconds, output)
-    return PredictResult(output, rows, int(errors.num_rows), seconds, manifest)
+    model_fp = surgery.fingerprint(model)
+    job = OutputJob(output, storage_options, _fingerprint(model_fp, config.to_dict()), "predictions", overwrite,
+                    lease_timeout, shard_rows)
+    width = _output_width(model, config)
+
+    def compute(shards: list[tuple[int, Any]], writer: dict[str, Any], stride: int) -> Any:
+        return scored_rows(model, src, shards, stride, {**writer, "class_names": list(class_names)}, batch_size,
+                           resources, config)
+
+    def finish(w: Written) -> PredictionsManifest:
+        rows, errors = sum(s.rows for s in w.entries), sum(s.errors for s in w.entries)
+        return PredictionsManifest(
+            format=PREDICTIONS_FORMAT, fingerprint=job.fingerprint, version=w.version, model=info.name,
+            model_fingerprint=model_fp, classes=list(class_names),
+            source=SourceInfo(uri=src.uri, layout=src.format, rows=rows + errors, shards=len(w.entries)),
+            rows=rows, errors=errors, shards=w.entries, stride=w.plan.stride,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=round(w.seconds, 3),
+            images_per_s=round(w.rows / w.seconds, 2) if w.seconds > 0 and w.rows else None, computed=w.computed,
+            dropped=len(w.plan.dropped))
+
+    manifest, reused = write_output(job, src, compute, _schema(width), finish)
+    seconds = time.perf_counter() - started
+    if not reused:
+        log.info("predicted %d images (%d errors) in %.1fs -> %s", manifest.rows, manifest.errors, seconds, output)
+    return PredictResult(output, manifest.rows, manifest.errors, seconds, manifest, reused)

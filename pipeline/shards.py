@@ -1,24 +1,34 @@
-"""Committed Parquet outputs, written where the rows are computed.
+"""The commit protocol of featurize and predict: rows written where they are computed,
+sealed into one file per input shard, committed as a new version of the output.
 
 Layout under an output URI::
 
-    _lock.json               the lease of the job writing it (see pipeline.lease)
-    _attempt.json            written first: the fingerprint and shard plan of a run in progress
-    shards/part-00003-<key>.parquet   the good rows of one slice of shard 3
-    errors/part-00003-<key>.parquet   the rows of that slice that could not be read (when any)
-    errors.parquet           every error row (row_id, path, reason), gathered at commit
-    manifest.json            the commit (pipeline.manifest)
+    manifest.json                   the newest committed version (a copy of _versions/<N>.json)
+    _versions/00000002.json         each committed version, created exclusively: the commit
+    _lock.json                      the lease of the job writing it (pipeline.lease)
+    _attempt.json                   the fingerprint of a run in progress
+    _inputs/part-00003-<h>.parquet  a group of loose files (path, label, size, version, index, error)
+    _staging/00000003/<key>.parquet rows the model actors wrote, one slice per call, until shard 3 is sealed
+    shards/<name>-<h>.parquet       one input shard's good rows
+    errors/<name>-<h>.parquet       its error rows (row_id, path, reason), when it has any
 
-Rows are planned into shards by their position in the input listing. The Ray actors that
-compute rows write them (:class:`PartWriter`): each call splits its batch by shard and
-writes one *slice* per shard, named by a hash of the slice's row ids. A retried call (an
-actor killed, a node lost) recomputes the same rows and rewrites the same files, so rows
-are never written twice under two names; the driver still checks, at commit, that every
-planned row is in exactly one slice (:func:`assemble`), and drops any slice another one
-duplicates. Slices that no manifest lists (a run that died) are deleted at commit.
+1. The driver plans one output shard per input shard, named from the input and a hash of
+   what is computed from it (:mod:`pipeline.plan`); a shard whose file already exists is
+   done (an earlier run wrote it, or the committed version lists it).
+2. The actors write each call's rows as a *slice* per shard (:class:`SliceWriter`), named
+   by a hash of its row ids, and return one summary per slice (its shard, key and row
+   ranges; never a row).
+3. The driver keeps a coverage bitmap for each open shard only (:class:`Tracker`); when
+   every row of a shard is covered (the read tasks mark each shard's last row), a seal task
+   (:func:`pipeline.commit.seal`) merges its slices, drops rows a retried call wrote twice, checks that
+   every row is there once, writes the errors file and then the shard file (each whole, or
+   not at all), and deletes the slices.
+4. The commit is a new version listing every shard (:func:`pipeline.commit.commit_version`), created
+   exclusively so that two jobs cannot both commit; files that neither it nor the version
+   before list are deleted afterwards (:func:`pipeline.commit.clean`), so the previous version stays
+   readable until the next commit.
 
-The driver never touches feature bytes: it gets a few numbers per row back (its id,
-shard, slice and whether it was readable), decides when a shard is complete, and commits.
+The driver's memory grows with shards (a few hundred bytes each), never with rows.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,31 +46,23 @@ import pyarrow.parquet as pq
 
 from surgery import storage
 
-from .manifest import ERRORS, Part, Shard, ShardPlan
-from .sources import readable
+from .readers import readable
 
-__all__ = ["ShardPlan", "PartWriter", "Slices", "existing_slices", "assemble", "delete_slices", "gather_errors",
-           "unlisted", "to_arrow_columns", "read_json", "write_json", "read_table", "write_table", "clear", "part_path",
-           "prepare_output", "settle", "commit_manifest", "MANIFEST", "ATTEMPT", "ERRORS"]
+__all__ = ["SliceWriter", "Tracker", "read_json", "write_json", "read_table", "write_table", "to_arrow_columns",
+           "stage_dir", "compression", "node_id", "MANIFEST", "VERSIONS", "ATTEMPT", "STAGING", "INPUTS", "ERROR_SCHEMA"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+VERSIONS = "_versions"
 ATTEMPT = "_attempt.json"
-_ERROR_SCHEMA = pa.schema([("row_id", pa.int64()), ("path", pa.string()), ("reason", pa.string())])
+STAGING = "_staging"
+INPUTS = "_inputs"
+ERROR_SCHEMA = pa.schema([("row_id", pa.int64()), ("path", pa.string()), ("reason", pa.string())])
 
 
-def slice_key(path: str) -> str:
-    """The slice key in a part's file name (``shards/part-00003-<key>.parquet``)."""
-    return path.rsplit("-", 1)[-1].removesuffix(".parquet")
-
-
-def part_path(shard: int, key: str) -> str:
-    return f"shards/part-{shard:05d}-{key}.parquet"
-
-
-def error_part_path(shard: int, key: str) -> str:
-    return f"errors/part-{shard:05d}-{key}.parquet"
+# ---------------------------------------------------------------------------------------
+# small files
 
 
 def read_json(uri: str, storage_options: dict | None) -> dict | None:
@@ -74,17 +76,17 @@ def write_json(uri: str, data: dict, storage_options: dict | None) -> None:
     storage.write_bytes(uri, json.dumps(data, indent=2, sort_keys=True).encode(), storage_options)
 
 
-def write_table(uri: str, table: pa.Table, storage_options: dict | None) -> int:
-    """Write one Parquet file whole. Returns its size in bytes.
+def compression(schema: pa.Schema) -> dict[str, str]:
+    """Tensor columns uncompressed (exactly rows x values x itemsize, read without
+    decompression; dense features barely compress), the rest snappy."""
+    return {f.name: ("none" if isinstance(f.type, pa.FixedShapeTensorType) else "snappy") for f in schema}
 
-    No dictionary encoding (feature values and paths are mostly unique). Tensor columns
-    are stored uncompressed: their size is then exactly rows x values x itemsize (float16
-    shards are half of float32 ones), they read without decompression, and dense
-    features barely compress anyway; the other columns use snappy.
-    """
+
+def write_table(uri: str, table: pa.Table, storage_options: dict | None) -> int:
+    """Write one Parquet file whole (no dictionary encoding: values are mostly unique).
+    Returns its size in bytes."""
     buf = io.BytesIO()
-    compression = {f.name: ("none" if isinstance(f.type, pa.FixedShapeTensorType) else "snappy") for f in table.schema}
-    pq.write_table(table, buf, use_dictionary=False, compression=compression or "snappy")
+    pq.write_table(table, buf, use_dictionary=False, compression=compression(table.schema) or "snappy")
     data = buf.getvalue()
     storage.write_bytes(uri, data, storage_options)
     return len(data)
@@ -114,11 +116,11 @@ def to_arrow_columns(batch: dict[str, np.ndarray]) -> dict[str, pa.Array]:
     return out
 
 
-def _key(row_ids: np.ndarray) -> str:
-    return hashlib.sha1(np.sort(np.asarray(row_ids, dtype=np.int64)).tobytes()).hexdigest()[:16]
+def stage_dir(shard: int) -> str:
+    return f"{STAGING}/{shard:08d}"
 
 
-def _node() -> str:
+def node_id() -> str:
     try:
         import ray
 
@@ -127,14 +129,33 @@ def _node() -> str:
         return ""
 
 
+def _ranges(index: np.ndarray) -> str:
+    """Sorted, distinct indices as ``"a-b,c-d"`` (inclusive runs)."""
+    if len(index) == 0:
+        return ""
+    breaks = np.flatnonzero(np.diff(index) != 1)
+    starts = np.concatenate([[index[0]], index[breaks + 1]])
+    ends = np.concatenate([index[breaks], [index[-1]]])
+    return ",".join(f"{a}-{b}" for a, b in zip(starts, ends))
+
+
+def _parse_ranges(text: str) -> list[tuple[int, int]]:
+    return [(int(a), int(b)) for a, b in (r.split("-") for r in text.split(",") if r)]
+
+
+# ---------------------------------------------------------------------------------------
+# 2. the actors: one slice per shard per call
+
+
 @dataclass(frozen=True)
-class PartWriter:
-    """Writes the rows of a computed batch where they were computed, and returns a few
-    numbers per row for the driver (``row_id``, ``shard``, ``slice``, ``ok``, ``bytes``,
-    ``node``). Rows carry ``shard`` (the planned shard) and ``error`` ("" when fine);
-    ``columns`` are the data columns of good rows, in order. With ``lease_owner`` it
-    checks, before writing, that the job still holds the output's lease.
-    """
+class SliceWriter:
+    """Writes a computed batch's rows where they were computed, as one slice per shard
+    under ``_staging/``, and returns one summary row per slice (``shard``, ``slice``,
+    ``ranges``, ``good``, ``bad``, ``bytes``, ``node``, ``total``: the shard's row count
+    when the slice holds its last row, else -1). Rows carry ``shard``, ``index``, ``last``
+    and ``error`` ("" when fine); ``columns`` are the data columns of good rows, in order.
+    With ``lease_owner`` it checks, before writing, that the job still holds the output's
+    lease."""
 
     output: str  # the output folder URI
     storage_options: dict[str, Any] | None  # fsspec options (travel to the actors, are never logged)
@@ -147,7 +168,7 @@ class PartWriter:
                 "lease_owner": self.lease_owner, "class_names": list(self.class_names)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PartWriter":
+    def from_dict(cls, d: dict[str, Any]) -> "SliceWriter":
         return cls(d["output"], d.get("storage_options"), tuple(d["columns"]), d.get("lease_owner"),
                    tuple(d.get("class_names") or ()))
 
@@ -156,240 +177,143 @@ class PartWriter:
 
         if self.lease_owner is not None:
             assert_held(self.output, self.storage_options, self.lease_owner)
-        if self.class_names and "predicted" in batch:
+        if "class_name" in self.columns and "predicted" in batch:
             names = self.class_names
             batch = {**batch, "class_name": np.asarray([names[i] if i < len(names) else str(i)
                                                         for i in batch["predicted"]], dtype=object)}
-        shards = np.asarray(batch["shard"])
-        n = len(shards)
-        out = {"row_id": np.asarray(batch["row_id"], dtype=np.int64), "shard": shards.astype(np.int64),
-               "slice": np.empty(n, dtype=object), "ok": readable(batch["error"]),
-               "bytes": np.zeros(n, dtype=np.int64), "node": np.full(n, _node(), dtype=object)}
+        shards, index, last = np.asarray(batch["shard"]), np.asarray(batch["index"]), np.asarray(batch["last"])
+        node = node_id()
+        summaries: dict[str, list[Any]] = {k: [] for k in ("shard", "slice", "ranges", "good", "bad", "bytes",
+                                                           "node", "total")}
         for sid in np.unique(shards):
-            mask = shards == sid
-            rows = {k: np.asarray(v)[mask] for k, v in batch.items()}
-            key = _key(rows["row_id"])
-            size = self._write_slice(int(sid), key, rows)
-            out["slice"][mask] = key
-            out["bytes"][np.flatnonzero(mask)[:1]] = size  # the slice's size, once
-        return out
+            mine = shards == sid
+            total = int(index[mine & last].max()) + 1 if (mine & last).any() else -1
+            rows_mask = mine & (index >= 0)  # index -1: the marker of a shard without rows
+            rows = {k: np.asarray(v)[rows_mask] for k, v in batch.items()}
+            order = np.argsort(rows["index"], kind="stable")
+            rows = {k: v[order] for k, v in rows.items()}
+            key = hashlib.sha1(rows["row_id"].astype(np.int64).tobytes()).hexdigest()[:16] if len(order) else ""
+            ok = readable(rows["error"])
+            size = self._write(int(sid), key, rows, ok) if key else 0
+            for name, value in (("shard", int(sid)), ("slice", key), ("ranges", _ranges(rows["index"])),
+                                ("good", int(ok.sum())), ("bad", int((~ok).sum())), ("bytes", size), ("node", node),
+                                ("total", total)):
+                summaries[name].append(value)
+        return {k: np.asarray(v, dtype=object if k in ("slice", "ranges", "node") else np.int64)
+                for k, v in summaries.items()}
 
-    def _write_slice(self, shard: int, key: str, rows: dict[str, np.ndarray]) -> int:
-        order = np.argsort(rows["row_id"], kind="stable")
-        rows = {k: v[order] for k, v in rows.items()}
-        bad = ~readable(rows["error"])
-        if bad.any():  # errors first: a data part that exists means its slice is complete
-            errors = pa.table({"row_id": pa.array(rows["row_id"][bad].astype(np.int64)),
-                               "path": pa.array([str(p) for p in rows["path"][bad]], pa.string()),
-                               "reason": pa.array([str(e) for e in rows["error"][bad]], pa.string())})
-            write_table(storage.join(self.output, error_part_path(shard, key)), errors, self.storage_options)
-        good = {k: rows[k][~bad] for k in self.columns}
-        return write_table(storage.join(self.output, part_path(shard, key)), pa.table(to_arrow_columns(good)),
-                           self.storage_options)
+    def _write(self, shard: int, key: str, rows: dict[str, np.ndarray], ok: np.ndarray) -> int:
+        folder = storage.join(self.output, stage_dir(shard))
+        if (~ok).any():  # errors first: a data slice that exists means its slice is complete
+            write_table(storage.join(folder, f"{key}.errors.parquet"), _errors_table(rows, ~ok), self.storage_options)
+        good = {k: rows[k][ok] for k in self.columns}
+        return write_table(storage.join(folder, f"{key}.parquet"), pa.table(to_arrow_columns(good)), self.storage_options)
+
+
+def _errors_table(rows: dict[str, np.ndarray], bad: np.ndarray) -> pa.Table:
+    return pa.table({"row_id": pa.array(rows["row_id"][bad].astype(np.int64)),
+                     "path": pa.array([str(p) for p in rows["path"][bad]], pa.string()),
+                     "reason": pa.array([str(e) for e in rows["error"][bad]], pa.string())}, schema=ERROR_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. the driver: which open shards are complete
 
 
 @dataclass
-class Slices:
-    """What is known of the slices of one output: per shard, slice key -> (good row ids,
-    error row ids, bytes, node)."""
-
-    by_shard: dict[int, dict[str, tuple[np.ndarray, np.ndarray, int, str]]] = field(default_factory=dict)
-
-    def add(self, shard: int, key: str, good: np.ndarray, bad: np.ndarray, size: int, node: str) -> None:
-        self.by_shard.setdefault(shard, {})[key] = (np.asarray(good, dtype=np.int64), np.asarray(bad, dtype=np.int64),
-                                                     size, node)
-
-    def add_summaries(self, batch: dict[str, np.ndarray]) -> list[tuple[int, int, int]]:
-        """Record the slices a batch of per-row summaries reports (columns ``shard``,
-        ``slice``, ``row_id``, ``ok``, ``bytes``, ``node``, as the actors return them). A
-        slice already known (a retried call rewrote the same rows) is skipped. Returns
-        (shard, good rows, error rows) of each new slice."""
-        shards, keys, ok = np.asarray(batch["shard"]), np.asarray(batch["slice"], dtype=object), np.asarray(batch["ok"])
-        ids, sizes, nodes = np.asarray(batch["row_id"]), np.asarray(batch["bytes"]), np.asarray(batch["node"], dtype=object)
-        added = []
-        for sid in np.unique(shards):
-            in_shard = shards == sid
-            for key in np.unique(keys[in_shard]):
-                if str(key) in self.by_shard.get(int(sid), {}):
-                    continue
-                m = in_shard & (keys == key)
-                good, bad = ids[m & ok], ids[m & ~ok]
-                self.add(int(sid), str(key), good, bad, int(sizes[m].sum()), str(nodes[m][0]))
-                added.append((int(sid), len(good), len(bad)))
-        return added
-
-    def rows_in(self, shard: int) -> int:
-        return sum(len(g) + len(b) for g, b, _, _ in self.by_shard.get(shard, {}).values())
-
-    def only(self, shards: Iterable[Shard]) -> "Slices":
-        """The slices these manifest entries list."""
-        return Slices({s.shard: {slice_key(p.path): self.by_shard[s.shard][slice_key(p.path)] for p in s.parts}
-                       for s in shards})
+class _Open:
+    covered: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    slices: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # key -> its index ranges
+    nodes: dict[str, int] = field(default_factory=dict)  # node -> rows its actors computed
+    total: int | None = None
 
 
-def _list(output: str, folder: str, storage_options: dict | None) -> list[str]:
-    if not storage.exists(storage.join(output, folder), storage_options):
-        return []
-    fs, root = storage.filesystem(output, storage_options)
-    found = storage.retrying(lambda: fs.ls(f"{root.rstrip('/')}/{folder}", detail=False, refresh=True),
-                             f"list {output}/{folder}")
-    return sorted(p.rsplit("/", 1)[-1] for p in found)
+class Tracker:
+    """Follows the slice summaries of the shards being computed: a coverage bitmap per open
+    shard, dropped once the shard is complete. ``add`` returns the shards it completed, each
+    with what :func:`seal` needs: its slices and the ranges to keep from each (a slice that
+    a retried call wrote again contributes only rows no other slice holds)."""
+
+    def __init__(self, totals: dict[int, int | None]) -> None:
+        self.waiting = dict(totals)  # shard -> its rows when known in advance (loose files), else None
+        self.open: dict[int, _Open] = {}
+
+    def add(self, batch: dict[str, np.ndarray]) -> list[tuple[int, list[tuple[str, list[tuple[int, int]]]], list[str], int]]:
+        done = []
+        for sid, key, ranges, total, node in zip(batch["shard"], batch["slice"], batch["ranges"], batch["total"],
+                                                 batch["node"]):
+            sid = int(sid)
+            if sid not in self.waiting:
+                continue  # completed already (a retried call reported it again)
+            state = self.open.setdefault(sid, _Open(total=self.waiting[sid]))
+            if int(total) >= 0:
+                state.total = int(total)
+            spans = _parse_ranges(str(ranges))
+            if key and key not in state.slices:
+                state.slices[str(key)] = spans
+                for a, b in spans:
+                    if b >= len(state.covered):
+                        state.covered = np.concatenate([state.covered, np.zeros(b + 1 - len(state.covered) + 1024, bool)])
+                    state.covered[a:b + 1] = True
+                state.nodes[str(node)] = state.nodes.get(str(node), 0) + sum(b - a + 1 for a, b in spans)
+            if state.total is not None and (state.total == 0 or (len(state.covered) >= state.total
+                                                                  and state.covered[:state.total].all())):
+                done.append((sid, _keep_plan(state.slices), sorted(state.nodes, key=lambda n: -state.nodes[n]),
+                             state.total))
+                del self.open[sid], self.waiting[sid]
+        return done
+
+    @property
+    def unfinished(self) -> list[int]:
+        return sorted(self.waiting)
 
 
-def _parse(name: str) -> tuple[int, str] | None:
-    if not (name.startswith("part-") and name.endswith(".parquet")):
-        return None
-    parts = name[5:-8].split("-")
-    if len(parts) != 2 or not parts[0].isdigit():
-        return None
-    return int(parts[0]), parts[1]
+def _keep_plan(slices: dict[str, list[tuple[int, int]]]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Each slice with the ranges of it to keep, in index order: a row is kept from the first
+    slice (by its first index) that holds it."""
+    plan = []
+    covered: list[tuple[int, int]] = []
+    for key, spans in sorted(slices.items(), key=lambda kv: (kv[1][0][0] if kv[1] else -1, kv[0])):
+        keep = []
+        for a, b in spans:
+            for lo, hi in _subtract((a, b), covered):
+                keep.append((lo, hi))
+        if keep:
+            plan.append((key, keep))
+            covered = _merge(covered + keep)
+    return plan
 
 
-def existing_slices(output: str, storage_options: dict | None) -> Slices:
-    """The slices an earlier, uncommitted attempt wrote (their row ids read back)."""
-    found = Slices()
-    errors = {p for p in (_parse(n) for n in _list(output, "errors", storage_options)) if p}
-    for name in _list(output, "shards", storage_options):
-        parsed = _parse(name)
-        if parsed is None:
+def _subtract(span: tuple[int, int], covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out, (a, b) = [], span
+    for lo, hi in covered:
+        if hi < a or lo > b:
             continue
-        shard, key = parsed
-        uri = storage.join(output, part_path(shard, key))
-        good = read_table(uri, storage_options, ["row_id"]).column("row_id").to_numpy()
-        bad = (read_table(storage.join(output, error_part_path(shard, key)), storage_options, ["row_id"])
-               .column("row_id").to_numpy() if (shard, key) in errors else np.zeros(0, dtype=np.int64))
-        fs, path = storage.filesystem(uri, storage_options)
-        size = int(storage.retrying(lambda: fs.info(path), f"look at {uri}").get("size") or 0)
-        found.add(shard, key, good, bad, size, "")
-    return found
+        if lo > a:
+            out.append((a, lo - 1))
+        a = max(a, hi + 1)
+        if a > b:
+            return out
+    if a <= b:
+        out.append((a, b))
+    return out
 
 
-def assemble(plan: ShardPlan, slices: Slices, shards: Iterable[int]) -> tuple[dict[int, Shard], list[int], list[tuple[int, str]]]:
-    """Which of ``shards`` are complete: each planned row in exactly one slice. Returns the
-    complete shards (as manifest entries), the incomplete ones, and redundant slices (a
-    slice whose rows another slice already holds, from a retried call)."""
-    complete: dict[int, Shard] = {}
-    incomplete, redundant = [], []
-    for sid in shards:
-        start = sid * plan.rows_per_shard
-        wanted = np.arange(start, start + plan.size(sid), dtype=np.int64)
-        kept: list[str] = []
-        covered = np.zeros(len(wanted), dtype=bool)
-        options = slices.by_shard.get(sid, {})
-        for key, (good, bad, _, _) in sorted(options.items(), key=lambda kv: -(len(kv[1][0]) + len(kv[1][1]))):
-            ids = np.concatenate([good, bad]) - start
-            if len(ids) == 0 or ids.min() < 0 or ids.max() >= len(wanted) or covered[ids].any():
-                redundant.append((sid, key))
-                continue
-            covered[ids] = True
-            kept.append(key)
-        if not covered.all():
-            incomplete.append(sid)
-            continue
-        parts = [Part(path=part_path(sid, k), rows=len(options[k][0]), bytes=options[k][2], node=options[k][3] or None)
-                 for k in sorted(kept)]
-        complete[sid] = Shard(shard=sid, rows=sum(p.rows for p in parts), errors=sum(len(options[k][1]) for k in kept),
-                              bytes=sum(p.bytes for p in parts), parts=parts)
-    return complete, incomplete, redundant
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
 
 
-def delete_slices(output: str, storage_options: dict | None, slices: Iterable[tuple[int, str]]) -> None:
-    for shard, key in slices:
-        storage.delete(storage.join(output, part_path(shard, key)), storage_options)
-        storage.delete(storage.join(output, error_part_path(shard, key)), storage_options)
+# ---------------------------------------------------------------------------------------
+# 3b. sealing a shard (a Ray task; plain function, testable without Ray)
 
 
-def gather_errors(output: str, storage_options: dict | None, shards: Iterable[Shard]) -> pa.Table:
-    """Every error row of the committed slices, in row-id order."""
-    tables = []
-    for shard in shards:
-        if not shard.errors:
-            continue
-        for part in shard.parts:
-            key = slice_key(part.path)
-            try:
-                tables.append(read_table(storage.join(output, error_part_path(shard.shard, key)), storage_options))
-            except FileNotFoundError:
-                continue  # this slice of the shard had no error rows
-    table = pa.concat_tables(tables) if tables else _ERROR_SCHEMA.empty_table()
-    return table.take(pa.array(np.argsort(table.column("row_id").to_numpy(), kind="stable"))) if tables else table
+# ---------------------------------------------------------------------------------------
+# resuming, committing, cleaning
 
 
-def unlisted(output: str, storage_options: dict | None, keep: Iterable[Shard]) -> list[tuple[int, str]]:
-    """Slices in the output folder that ``keep`` does not list."""
-    listed = {(s.shard, slice_key(p.path)) for s in keep for p in s.parts}
-    found = {p for folder in ("shards", "errors") for p in (_parse(n) for n in _list(output, folder, storage_options)) if p}
-    return sorted(found - listed)
-
-
-def clear(output: str, storage_options: dict | None) -> None:
-    """Delete what a freezeray output folder holds (only its own files)."""
-    fs, root = storage.filesystem(output, storage_options)
-    root = root.rstrip("/")
-    for name in (MANIFEST, ATTEMPT, ERRORS):
-        storage.delete(storage.join(output, name), storage_options)
-    for folder in ("shards", "errors"):
-        if storage.exists(storage.join(output, folder), storage_options):
-            storage.retrying(lambda: fs.rm(f"{root}/{folder}", recursive=True), f"delete {output}/{folder}")
-
-
-def prepare_output(output: str, storage_options: dict | None, fp: str, plan: ShardPlan, committed: dict | None,
-                   overwrite: bool, what: str) -> tuple[list[int], Slices]:
-    """Make ``output`` ready for a run (under its lease). Returns the shards it still needs
-    (all of them, or those an interrupted attempt with the same fingerprint and plan left
-    incomplete) and the slices of the complete ones. Another run's ``what`` (``features``,
-    ``predictions``), committed or unfinished, is cleared only with ``overwrite``; an
-    unfinished attempt of the same fingerprint with another plan (another shard size) holds
-    the same rows and is discarded."""
-    if committed is not None:
-        if not overwrite:
-            raise FileExistsError(
-                f"{output!r} already holds {what} with fingerprint {committed.get('fingerprint')}, "
-                f"but this run's fingerprint is {fp} (another model, preprocessing, dtype or input); "
-                "pass overwrite=True to replace them, or choose another output"
-            )
-        clear(output, storage_options)
-    attempt = read_json(storage.join(output, ATTEMPT), storage_options)
-    if attempt is not None and attempt.get("fingerprint") != fp and not overwrite:
-        raise FileExistsError(f"{output!r} holds unfinished {what} with fingerprint {attempt.get('fingerprint')}, "
-                              f"not this run's {fp}; pass overwrite=True to discard them, or choose another output")
-    if attempt is None or attempt.get("fingerprint") != fp or attempt.get("plan") != plan.to_dict():
-        clear(output, storage_options)  # also the stray slices of a run that died before writing its attempt
-        write_json(storage.join(output, ATTEMPT), {"fingerprint": fp, "plan": plan.to_dict()}, storage_options)
-        return list(range(plan.count)), Slices()
-    found = existing_slices(output, storage_options)
-    complete, incomplete, redundant = assemble(plan, found, range(plan.count))
-    stale = [(sid, key) for sid in incomplete for key in found.by_shard.get(sid, {})]
-    delete_slices(output, storage_options, stale + redundant)
-    if complete:
-        log.info("resuming %s at %s: %d of %d shards already written", what, output, len(complete), plan.count)
-    return sorted(incomplete), found.only(complete.values())
-
-
-def settle(output: str, storage_options: dict | None, plan: ShardPlan, slices: Slices, what: str) -> tuple[list[Shard], pa.Table]:
-    """The manifest entries of every planned shard and the gathered error rows (written to
-    ``errors.parquet``); redundant and unlisted slices are deleted.
-
-    Raises:
-        RuntimeError: a planned shard is incomplete (rows were lost).
-    """
-    complete, incomplete, redundant = assemble(plan, slices, range(plan.count))
-    if incomplete:
-        raise RuntimeError(f"{what} lost rows: shards {incomplete[:10]} are incomplete")
-    shards = [complete[i] for i in range(plan.count)]
-    delete_slices(output, storage_options, redundant + unlisted(output, storage_options, shards))
-    errors = gather_errors(output, storage_options, shards)
-    write_table(storage.join(output, ERRORS), errors, storage_options)
-    return shards, errors
-
-
-def commit_manifest(output: str, manifest: Any, storage_options: dict | None, what: str) -> None:
-    """The commit: the manifest is created, never overwritten, so two jobs cannot both
-    commit; then the attempt record goes."""
-    try:
-        storage.create_bytes(storage.join(output, MANIFEST), json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode(),
-                             storage_options)
-    except FileExistsError:
-        raise FileExistsError(f"another job committed {what} at {output!r} first; this run's shards were not "
-                              "committed") from None
-    storage.delete(storage.join(output, ATTEMPT), storage_options)

@@ -24,6 +24,7 @@ def ray_session():
     from ray.data import DataContext
 
     ray.init(
+        address="local",  # a Ray of its own, even where another cluster on this machine wrote /tmp/ray/ray_current_cluster
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=1 << 30,

@@ -79,3 +79,16 @@ def test_staged_benchmark(ray_session):
     assert result["settings"]["train_rows"] == 45 and ours["seconds"] > head["seconds"]  # the staged run includes the head
     assert result["accuracy_gain_over_head"] == ours["test_accuracy"] - head["test_accuracy"]
     assert "images throughout / staged wall time" in staged.report(result)
+
+
+@pytest.mark.slow
+def test_rows_benchmark(ray_session):
+    from benchmarks import rows
+
+    result = rows.run(sizes=(200, 400), per_tar=100, baseline=None, plan_shards=40, plan_rows=300)
+    assert [r["images"] for r in result["runs"]] == [200, 400] and [r["shards"] for r in result["runs"]] == [2, 4]
+    inc = result["incremental"]
+    assert (inc["added_shards"], inc["computed_shards"]) == (1, 1)  # only the new shard is computed
+    plan = result["planning"]
+    assert plan["rows"] == 12_000 and plan["summaries"] == 40 * 3 and plan["incremental_to_compute"] == 4
+    assert "of the full run" in rows.report(result)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from imagesets import bad_files, write_image_folder
+from outputs import sealed_shards
 
 import surgery
 from pipeline import (
@@ -19,8 +20,6 @@ from pipeline import (
     featurize,
     read_images,
 )
-from pipeline.manifest import ShardPlan
-from pipeline.shards import assemble, existing_slices
 from surgery import TransferLearning, TransferLearningHelper
 from surgery.preprocess import normalize, preprocess_bytes
 
@@ -102,19 +101,20 @@ def test_rerun_reuses_and_an_interrupted_run_resumes(ray_session, tmp_path, tiny
         featurize(model, str(root), out, shard_rows=5, resources=Resources(cpus_per_worker=0.5), progress=crash_after_two)
     with pytest.raises(FileNotFoundError, match="no committed feature set"):
         FeatureSet.open(out)
-    plan = ShardPlan(total=len(labels), rows_per_shard=5)
-    done, _, _ = assemble(plan, existing_slices(out, None), range(plan.count))
-    assert set(written) <= set(done)  # the actors wrote what they computed, whatever the driver did next
-    (Path(out) / done[max(done)].parts[0].path).unlink()  # and one shard loses a slice: it is incomplete now
+    count = -(-len(labels) // 5)
+    done = sealed_shards(out)
+    assert set(written) <= set(done)  # the shards were sealed before the driver heard of them
+    Path(done[max(done)]).unlink()  # and one shard loses its file: it is unfinished now
     before = set(done) - {max(done)}
     written.clear()
     fset = featurize(model, str(root), out, shard_rows=5, resources=Resources(cpus_per_worker=0.5),
                      progress=lambda s, r, e: written.append(s))
-    assert sorted(written) == sorted(set(range(plan.count)) - before) and max(done) in written
-    assert len(fset.shards) == plan.count == 6
+    assert sorted(written) == sorted(set(range(count)) - before) and max(done) in written
+    assert len(fset.shards) == count == 6
     ids = sorted(fset.to_dataset().to_pandas()["row_id"].tolist())
     assert ids == list(range(len(labels)))  # every row once, none twice
-    assert len(list((Path(out) / "shards").iterdir())) == sum(len(s.parts) for s in fset.shards)  # no stray slices
+    assert len(list((Path(out) / "shards").iterdir())) == len(fset.shards)  # no stray files
+    assert not (Path(out) / "_staging").exists() and fset.version == 1
 
     written.clear()
     again = featurize(model, str(root), out, shard_rows=5, resources=Resources(cpus_per_worker=0.5), progress=lambda s, r, e: written.append(s))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pipeline
-import pipeline.sources as sources
+import pipeline.readers as readers
 import pipeline.train as train_module
 from pipeline import Stage, evaluate, finetune
 from surgery import FineTuneConfiguration, TransferLearning
@@ -29,13 +29,13 @@ def _trainable_only_changed(before, after, trainable):
 def decodes(monkeypatch):
     """Each image dataset finetune builds (every decode task comes from one), with the stage it was built in."""
     calls, stage = [], {"now": None}
-    real = sources.image_dataset
+    real = readers.image_dataset
 
     def spy(src, config, *a, **k):
         calls.append(stage["now"])
         return real(src, config, *a, **k)
 
-    monkeypatch.setattr(sources, "image_dataset", spy)
+    monkeypatch.setattr(readers, "image_dataset", spy)
     return calls, stage
 
 

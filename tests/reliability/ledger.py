@@ -28,12 +28,16 @@ class Case:
 LEDGER: list[Case] = []
 
 
-def account(fset, n_inputs: int) -> tuple[int, int, int]:
+def account(fset, n_inputs: int, expected: np.ndarray | None = None) -> tuple[int, int, int]:
     """(rows checked, rows lost, rows duplicated) of a committed feature set against
-    ``n_inputs`` listed images: every row id must appear exactly once, as a feature row or
+    ``n_inputs`` listed images (row ids ``0..n-1``, or ``expected``: tar shards number their
+    rows ``shard << 32 | index``): every row id must appear exactly once, as a feature row or
     an error row."""
     ids = np.concatenate([fset.to_dataset().select_columns(["row_id"]).to_pandas()["row_id"].to_numpy(),
                           np.asarray(fset.errors_table().column("row_id").to_pylist(), dtype=np.int64)])
+    if expected is not None:
+        position = {int(v): i for i, v in enumerate(expected)}
+        ids = np.asarray([position.get(int(v), len(expected)) for v in ids], dtype=np.int64)
     counts = np.bincount(ids, minlength=n_inputs) if len(ids) else np.zeros(n_inputs, dtype=np.int64)
     lost = int((counts[:n_inputs] == 0).sum())
     duplicated = int((counts > 1).sum() + (len(counts) > n_inputs))

@@ -170,3 +170,56 @@ print(json.dumps({{"grew_kb": after - before, "reason": reason}}))
     assert bomb.stat().st_size < 1_000_000
     ledger(tried="a 144-Mpixel PNG bomb of 0.2 MB decoded in a fresh process",
            inputs=1, checked=f"refused from its header; the process grew {out['grew_kb'] / 1024:.1f} MB")
+
+
+def test_bad_members_and_a_cut_tar_on_s3_are_error_rows_and_the_rest_is_kept(ray_session, s3_server, s3_bucket,
+                                                                             storage_options, tiny_frozen, ledger):
+    import webdataset as wds
+    from sharded import chunks, images, key_of, tar_bytes
+
+    good = images(per_class=6, bad=False)
+    parts = chunks(good, 6)
+    fs = s3_server.filesystem()
+    put = {}  # uri -> image bytes, for the direct computation
+    fs.pipe(f"{s3_bucket}/wds/00000.tar", tar_bytes(parts[0]))
+    whole = tar_bytes(parts[1])
+    fs.pipe(f"{s3_bucket}/wds/00001.tar", whole[: len(whole) * 2 // 3])  # cut in the middle of a member
+    odd = __import__("io").BytesIO()
+    with wds.TarWriter(odd) as w:
+        w.write({"__key__": "odd/notjpeg", "jpg": b"not a jpeg at all", "cls": 1})
+        w.write({"__key__": "odd/noimage", "txt": "a caption without its image", "cls": 2})
+        w.write({"__key__": "odd/badlabel", "jpg": next(iter(parts[0].values()))[0], "cls": "seven"})
+        w.write({"__key__": "odd/fine", "png": next(iter(parts[2].values()))[0], "cls": 0})
+    fs.pipe(f"{s3_bucket}/wds/00002.tar", odd.getvalue())
+    fs.pipe(f"{s3_bucket}/wds/00003.tar", b"")  # an empty shard
+    for part in (parts[0], parts[1]):
+        for rel, (data, _) in part.items():
+            put[key_of(rel)] = data
+    put["odd/fine"] = next(iter(parts[2].values()))[0]
+    root = f"s3://{s3_bucket}/wds"
+    fset = featurize(tiny_frozen, root, f"s3://{s3_bucket}/f", storage_options=storage_options, resources=Resources(cpus_per_worker=0.5),
+                     dtype="float32")
+    errors = fset.errors_table().to_pandas()
+    by_path = dict(zip(errors["path"], errors["reason"]))
+    cut = f"{root}/00001.tar"
+    assert "truncated tar" in by_path[cut] and "kept" in by_path[cut]  # the cut is one error row naming the shard
+    shard1 = next(s for s in fset.shards if s.name == "00001")
+    assert 0 < shard1.rows < 6  # the rows before the cut are kept
+    reason = by_path[f"{root}/00002.tar#odd/notjpeg"]
+    assert "cannot decode" in reason or "identify" in reason
+    assert "no image member" in by_path[f"{root}/00002.tar#odd/noimage"]
+    assert "not an integer" in by_path[f"{root}/00002.tar#odd/badlabel"]
+    empty = next(s for s in fset.shards if s.name == "00003")
+    assert (empty.rows, empty.errors) == (0, 0) and len(fset.shards) == 4
+    df = fset.read().to_pandas()
+    keys = [p.split("#", 1)[1] for p in df["path"]]
+    assert sorted(keys) == sorted(set(keys)) and set(keys) <= set(put) and "odd/fine" in keys
+    np.testing.assert_allclose(np.stack(df["features"].to_numpy()), direct_features(tiny_frozen, [put[k] for k in keys]),
+                               rtol=1e-4, atol=1e-5)
+    ids = np.concatenate([df["row_id"].to_numpy(), errors["row_id"].to_numpy()])
+    assert len(ids) == len(set(ids)) == fset.rows + fset.errors == 6 + shard1.rows + shard1.errors + 4
+    ledger(tried="tar shards on S3: a member that is not an image, a sample without an image, a label that is not an "
+                 "integer, a tar cut in the middle of a member, an empty tar", inputs=5,
+           checked=f"each is one error row with its reason (the cut one naming the shard, the {shard1.rows} samples "
+                   "before it kept), every good sample featurized once and equal to a direct computation",
+           rows_checked=len(ids), rows_lost=0)
