@@ -381,7 +381,8 @@ class _Run:
         self.model, self.seed, self.modules = model, seed, modules
         self.removed: dict[str, E.Op] = {}  # vertex name -> the removal (this build) that took it
         self.widths: dict[str, list[str]] = {}  # module target -> the edits that set its widths
-        self.places: dict[str, E.Op] = {}  # a kept place (remove_vertex_keep_connections) -> the removal that took it
+        # a kept place (remove_vertex_keep_connections) -> the removal that took it
+        self.places: dict[str, E.RemoveVertexKeepConnections | E.RemoveVertexAndConnections] = {}
 
     def apply(self, o: E.Op) -> None:
         if isinstance(o, (E.RemoveVertexKeepConnections, E.RemoveVertexAndConnections)):

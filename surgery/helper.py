@@ -117,16 +117,30 @@ class TransferLearningHelper:
         """One optimizer step of the unfrozen part on ``features`` (DL4J's ``fitFeaturized``),
         the same step every freezeray trainer takes (:func:`surgery.training.train_step`).
 
+        Args:
+            features: what :meth:`featurize` returned.
+            labels: one target per output (a tuple in output order, as DL4J's
+                ``MultiDataSet`` labels), or one tensor every output is scored against.
+
         Returns:
-            the batch loss before the step.
+            the batch loss before the step (the weighted sum over outputs).
+
+        Raises:
+            ValueError: targets that do not fit the outputs; nothing has changed then.
         """
         head = self._split.unfrozen
         config = self._config()
-        if self._optimizer is None:
-            self._optimizer = config.build_optimizer(head)
+        optimizer = self._optimizer if self._optimizer is not None else config.build_optimizer(head)
+        was = head.training
         head.train()
         args = features if isinstance(features, tuple) else (features,)
-        return training.train_step(head, args, labels, self._optimizer, config, self._specs).loss
+        try:
+            loss = training.train_step(head, args, labels, optimizer, config, self._specs).loss
+        except BaseException:
+            head.train(was)
+            raise
+        self._optimizer = optimizer  # kept only once a step succeeded
+        return loss
 
     def output_from_featurized(self, features: Features) -> Any:
         """The model's output (after activations) from features, in eval mode."""

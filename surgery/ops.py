@@ -245,6 +245,7 @@ class _Rebuild(Pending):
     def __init__(self, base: nn.Module, n_out: int, init: Any, seed: int | None, name: str) -> None:
         super().__init__(self._make, f"{type(base).__name__} {name!r}")
         object.__setattr__(self, "base", base)  # not a submodule: it is replaced, never run
+        self.base: nn.Module
         self.n_out, self.init, self.seed, self.name = int(n_out), init, seed, name
 
     def with_n_out(self, n_out: int, init: Any) -> "_Rebuild":
@@ -335,6 +336,7 @@ def n_out_replace_(gm: fx.GraphModule, vertex: str, n_out: int, weight_init: Any
     base = module.base if isinstance(module, _Rebuild) else module
     if isinstance(base, nn.modules.conv._ConvNd) and base.groups > 1:
         raise VertexError(f"n_out_replace({vertex!r}): grouped convolutions (groups={base.groups}) cannot change width")
+    new: nn.Module
     if isinstance(module, _Rebuild):
         new = module.with_n_out(n_out, weight_init)
     else:
