@@ -108,7 +108,27 @@ def loss_terms(specs: Sequence[LossSpec], outputs: Any, targets: Any) -> list[to
     if len(outs) != len(specs):
         raise ValueError(f"the model has {len(specs)} outputs; got {len(outs)} outputs")
     tgts = output_targets(specs, targets)
+    for spec, o, t in zip(specs, outs, tgts):
+        _check_target(spec, o, t)
     return [L.compute_loss(spec.loss, o, t, spec.activation, logits=spec.logits) for spec, o, t in zip(specs, outs, tgts)]
+
+
+def _check_target(spec: LossSpec, out: Any, target: torch.Tensor) -> None:
+    """A target that fits its output: class indices (one value per row, any loss), or for
+    ``bce``/``mse``/``mae`` values of the output's shape. Broadcasting would silently
+    compute something else."""
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+    if shape is None:
+        raise ValueError(f"output {spec.vertex!r} is a {type(out).__name__}, not a tensor")
+    indices = target.dim() == len(shape) - 1 and tuple(target.shape) == shape[:-1]
+    if indices and (spec.loss in ("nll", "cross_entropy") or not target.is_floating_point()):
+        return
+    if spec.loss not in ("nll", "cross_entropy") and tuple(target.shape) == shape:
+        return
+    wanted = (f"class indices shaped {shape[:-1]}" if spec.loss in ("nll", "cross_entropy")
+              else f"values shaped {shape} or class indices shaped {shape[:-1]}")
+    raise ValueError(f"output {spec.vertex!r} ({spec.loss}) is shaped {shape}, but its target is shaped "
+                     f"{tuple(target.shape)}: give {wanted}")
 
 
 def objective(specs: Sequence[LossSpec], outputs: Any, targets: Any) -> torch.Tensor:
