@@ -159,12 +159,14 @@ class TransferLearning:
         return self.remove_layers_from_output(1)
 
     def remove_layers_from_output(self, n: int) -> "TransferLearning":
-        """DL4J's ``removeLayersFromOutput(n)`` on a chain: remove its last ``n`` layers."""
+        """DL4J's ``removeLayersFromOutput(n)`` on a chain: remove its last ``n`` layers (of
+        those earlier calls left, as DL4J counts: two ``remove_output_layer()`` remove two)."""
         chain = self._layers()
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= len(chain):
-            raise ValueError(f"remove_layers_from_output takes 1..{len(chain)} (the chain's layers), got {n!r}")
+        left = len(chain) - self._removed_from_output
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= left:
+            raise ValueError(f"remove_layers_from_output takes 1..{left} (the chain's layers left), got {n!r}")
         self._removed_from_output += n
-        return self._record(E.RemoveVertexAndConnections(vertex=chain[-n]))
+        return self._record(E.RemoveVertexAndConnections(vertex=chain[left - n]))
 
     def add_layer(self, name: str | nn.Module, layer: nn.Module | None = None, *inputs: str | int) -> "TransferLearning":
         """Add ``layer`` as vertex ``name`` after ``inputs`` (several inputs are concatenated
