@@ -38,8 +38,17 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _output_names(history: list[dict[str, Any]]) -> list[str]:
+    """The outputs of a model with several, from the ``<vertex>_accuracy`` keys of its history."""
+    if not history:
+        return []
+    return [k[:-len("_accuracy")] for k in history[0] if k.endswith("_accuracy") and not k.startswith("val_")
+            and k != "accuracy" and f"{k[:-len('_accuracy')]}_loss" in history[0]]
+
+
 def curves_png(history: list[dict[str, Any]]) -> bytes:
-    """Loss and accuracy per epoch (train, and validation when present)."""
+    """Loss and accuracy per epoch (train, and validation when present); for a model with
+    several outputs, each output's accuracy too (dashed)."""
     epochs = [h["epoch"] + 1 for h in history]
     fig = _figure(9, 3.4)
     ax_loss, ax_acc = fig.subplots(1, 2)
@@ -48,6 +57,9 @@ def curves_png(history: list[dict[str, Any]]) -> bytes:
     if history and "val_loss" in history[0]:
         ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="s", label="validation")
         ax_acc.plot(epochs, [h["val_accuracy"] for h in history], marker="s", label="validation")
+    for vertex in _output_names(history):
+        key = f"val_{vertex}_accuracy" if f"val_{vertex}_accuracy" in history[0] else f"{vertex}_accuracy"
+        ax_acc.plot(epochs, [h[key] for h in history], ls="--", label=key)
     for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_title(title)
@@ -147,6 +159,9 @@ def write_report(uri: str, outcome: RunOutcome, storage_options: dict | None = N
         files["confusion.png"] = confusion_png(ev.confusion, list(ev.classes))
         metrics["evaluation"] = {"accuracy": ev.accuracy, "loss": ev.loss, "macro_f1": ev.macro_f1, "rows": ev.rows,
                                  "errors": ev.errors}
+        if ev.outputs:  # a model with several outputs: each one's metrics
+            metrics["evaluation"]["outputs"] = {v: {k: m[k] for k in ("accuracy", "loss", "macro_f1", "weight")}
+                                                for v, m in ev.outputs.items()}
     if outcome.predictions is not None:
         metrics["predictions"] = {"output": outcome.predictions.output, "rows": outcome.predictions.rows,
                                   "errors": outcome.predictions.errors}
@@ -171,6 +186,12 @@ def _page(outcome: RunOutcome, metrics: dict[str, Any], files: dict[str, bytes])
                   f"on {ev.rows} rows ({ev.errors} unreadable)", "",
                   "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |" for c in ev.per_class]
+        if ev.outputs:
+            lines += ["", f"The model has {len(ev.outputs)} outputs, each scored against the labels; the loss above is their "
+                      "weighted sum, the other metrics are the first output's.", "",
+                      "| output | weight | accuracy | loss | macro F1 |", "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {v} | {m['weight']:g} | {m['accuracy']:.4f} | {m['loss']:.4f} | {m['macro_f1']:.4f} |"
+                      for v, m in ev.outputs.items()]
         if "confusion.png" in files:
             lines += ["", "![confusion matrix](confusion.png)"]
     if outcome.fit is not None:

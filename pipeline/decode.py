@@ -6,8 +6,9 @@ only fetch the files' bytes, compressed bytes (about a tenth of the decoded pixe
 through the object store, and each model actor decodes its batch where it runs:
 
 * JPEGs (recognised by their magic bytes) go through ``torchvision.io.decode_jpeg`` on a
-  list of tensors with ``device`` set (nvJPEG on CUDA, batched), then are resized (shorter
-  side to ``resize_size``, antialiased) and centre-cropped as tensors on the same device;
+  list of tensors with ``device`` set (nvJPEG on CUDA, batched), then are resized
+  (antialiased), padded and centre-cropped as the model's ``crop_mode`` says (see
+  :func:`surgery.preprocess.geometry`), as tensors on the same device;
 * other formats, and any JPEG the batched decoder refuses, take the CPU path of
   :mod:`surgery.preprocess` (PIL), one file at a time, which gives the same error rows
   as CPU decoding does (the same messages, the same decompression-bomb check, made from
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, preprocess_bytes
+from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, geometry, preprocess_bytes
 
 __all__ = ["decode_batch", "is_jpeg", "resize_crop_tensor", "PIXEL_TOLERANCE"]
 
@@ -52,28 +53,26 @@ def _header_size(data: bytes) -> tuple[int, int]:
 
 
 def resize_crop_tensor(img: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
-    """(C, H, W) uint8 -> (H', W', C) uint8: the shorter side resized to ``resize_size``
-    (antialiased), then a centre crop to the input size, zero-padded when smaller; the
-    same geometry as :func:`surgery.preprocess.resize_crop`."""
+    """(C, H, W) uint8 -> (H', W', C) uint8: resized (antialiased), padded and cropped to
+    the input size as ``config.crop_mode`` says, the same geometry as
+    :func:`surgery.preprocess.resize_crop` (:func:`surgery.preprocess.geometry`)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
     _, out_h, out_w = config.input_size
     _, h, w = img.shape
-    short, long = (w, h) if w <= h else (h, w)
-    new_short = config.resize_size
-    new_long = int(new_short * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    g = geometry(w, h, config)
+    new_w, new_h = g.size
     if (new_w, new_h) != (w, h):
         mode = getattr(InterpolationMode, _INTERPOLATION[config.interpolation])
         img = TF.resize(img, [new_h, new_w], interpolation=mode, antialias=True)
-    top = int(round((new_h - out_h) / 2.0))
-    left = int(round((new_w - out_w) / 2.0))
-    if top < 0 or left < 0:  # smaller than the crop: pad with zeros, as torchvision does
-        canvas = torch.zeros((img.shape[0], max(new_h, out_h), max(new_w, out_w)), dtype=img.dtype, device=img.device)
-        pt, pl = max(0, -top), max(0, -left)
-        canvas[:, pt:pt + new_h, pl:pl + new_w] = img
-        img, top, left = canvas, max(0, top), max(0, left)
+    if any(g.pad):  # smaller than the crop: pad with the mode's fill, as timm and torchvision do
+        left_pad, top_pad, right_pad, bottom_pad = g.pad
+        fill = torch.tensor(g.fill[:img.shape[0]], dtype=img.dtype, device=img.device).view(-1, 1, 1)
+        canvas = fill.expand(img.shape[0], new_h + top_pad + bottom_pad, new_w + left_pad + right_pad).clone()
+        canvas[:, top_pad:top_pad + new_h, left_pad:left_pad + new_w] = img
+        img = canvas
+    left, top = g.crop
     return img[:, top:top + out_h, left:left + out_w].permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
 
 

@@ -3,6 +3,11 @@ over raw images (the whole model), with the same actor-pool design as featurizat
 in this process, for a feature set that fits). Metrics are accumulated on the driver
 batch by batch (a confusion matrix and loss sums), so no rows are collected. The
 :class:`Scorer` is shared with :mod:`pipeline.predict`.
+
+A model with several outputs (``set_outputs``) is scored at each of them against the
+same labels: :attr:`EvalResult.outputs` holds every output's accuracy, loss, macro F1
+and confusion matrix; the top-level ``loss`` is the model's objective (the weighted sum
+of the outputs' losses) and the other top-level metrics are the first output's.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import contextlib
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -38,9 +43,13 @@ log = logging.getLogger(__name__)
 class Scorer:
     """Ray Data callable class: a model (whole, on pixels; or its head, on features),
     loaded once per actor, mapping a batch to predictions, class probabilities and the
-    per-row loss. Testable without Ray: pass the graph itself."""
+    per-row loss. Testable without Ray: pass the graph itself.
 
-    def __init__(self, model: Any, inputs: Literal["pixels", "features"], loss: dict[str, Any],
+    ``loss``: the output's :class:`LossSpec` as a dict, or a list of them for a model
+    with several outputs; then ``predicted``/``probabilities`` are the first output's,
+    ``loss`` is the weighted sum, and ``predicted_<i>``/``loss_<i>`` hold output ``i``'s."""
+
+    def __init__(self, model: Any, inputs: Literal["pixels", "features"], loss: dict[str, Any] | list[dict[str, Any]],
                  preprocessing: dict[str, Any] | None = None, feature_columns: Sequence[str] = (),
                  device: str = "auto", autocast: bool = True, threads: int | None = None,
                  writer: dict[str, Any] | None = None) -> None:
@@ -57,7 +66,8 @@ class Scorer:
         self.memory_format = torch.channels_last if convolutional and inputs == "pixels" else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         self.inputs = inputs
-        self.spec = LossSpec.from_dict(loss)
+        self.specs = [LossSpec.from_dict(d) for d in (loss if isinstance(loss, list) else [loss])]
+        self.spec = self.specs[0]
         self.config = PreprocessConfig.from_dict(preprocessing) if preprocessing else None
         self.columns = tuple(feature_columns)
         self.autocast = autocast and self.device.type == "cuda"
@@ -67,9 +77,10 @@ class Scorer:
         n = len(batch["row_id"])
         errors = np.asarray(batch["error"], dtype=object) if "error" in batch else np.full(n, "", dtype=object)
         ok = readable(errors)
-        width = self.spec.n_out or 1
-        probs = np.zeros((n, width), dtype=np.float32)
-        losses = np.full(n, np.nan, dtype=np.float32)
+        k = len(self.specs)
+        probs = np.zeros((n, self.spec.n_out or 1), dtype=np.float32)
+        predicted = [np.zeros(n, dtype=np.int32) for _ in range(k)]
+        losses = [np.full(n, np.nan, dtype=np.float32) for _ in range(k)]
         if ok.any():
             if self.inputs == "pixels":
                 pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device)
@@ -79,19 +90,27 @@ class Scorer:
             amp = torch.autocast("cuda", dtype=torch.float16) if self.autocast else contextlib.nullcontext()
             with torch.inference_mode(), amp, emit_logits(self.model):
                 out = self.model(*x)
-                z = (out[0] if isinstance(out, tuple) else out).float()
-                p = probabilities(self.spec.loss, z, self.spec.activation, self.spec.logits)
+                outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
                 labels = torch.from_numpy(np.asarray(batch["label"])[ok].astype(np.int64)).to(self.device)
                 known = labels >= 0
-                if known.any():
-                    per_row = torch.full((int(ok.sum()),), float("nan"), device=self.device)
-                    per_row[known] = compute_loss(self.spec.loss, z[known], labels[known], self.spec.activation,
-                                                  logits=self.spec.logits, reduction="none").float()
-                    losses[ok] = per_row.cpu().numpy()
-            probs = np.zeros((n, p.shape[1]), dtype=np.float32)
-            probs[ok] = p.cpu().numpy()
+                for i, (spec, o) in enumerate(zip(self.specs, outs)):
+                    z = o.float()
+                    p = probabilities(spec.loss, z, spec.activation, spec.logits)
+                    if i == 0:
+                        probs = np.zeros((n, p.shape[1]), dtype=np.float32)
+                        probs[ok] = p.cpu().numpy()
+                    predicted[i][ok] = p.argmax(1).cpu().numpy().astype(np.int32)
+                    if known.any():
+                        per_row = torch.full((int(ok.sum()),), float("nan"), device=self.device)
+                        per_row[known] = compute_loss(spec.loss, z[known], labels[known], spec.activation,
+                                                      logits=spec.logits, reduction="none").float()
+                        losses[i][ok] = per_row.cpu().numpy()
         result = {k: batch[k] for k in ("row_id", "path", "label", "shard", "index", "last") if k in batch}
-        result.update(error=errors, probabilities=probs, predicted=probs.argmax(1).astype(np.int32), loss=losses)
+        total = losses[0] if k == 1 else np.sum([s.weight * v for s, v in zip(self.specs, losses)], axis=0, dtype=np.float32)
+        result.update(error=errors, probabilities=probs, predicted=probs.argmax(1).astype(np.int32), loss=total)
+        if k > 1:
+            for i in range(k):
+                result[f"predicted_{i}"], result[f"loss_{i}"] = predicted[i], losses[i]
         return self.writer(result) if self.writer is not None else result
 
 
@@ -113,10 +132,13 @@ class EvalResult:
     macro_f1: float  # unweighted mean F1 over classes with support
     seconds: float = 0.0  # wall time
     source: str = ""  # what was evaluated
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # several outputs: each one's accuracy, loss, macro_f1, confusion
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["classes"] = list(self.classes)
+        if not self.outputs:
+            del d["outputs"]
         return d
 
     def table(self) -> str:
@@ -126,6 +148,8 @@ class EvalResult:
         for c in self.per_class:
             lines.append(f"{c['class'].ljust(width)}  {c['precision']:.4f}     {c['recall']:.4f}  {c['f1']:.4f}  {c['support']}")
         lines.append(f"accuracy {self.accuracy:.4f}  loss {self.loss:.4f}  macro F1 {self.macro_f1:.4f}  rows {self.rows}  errors {self.errors}")
+        for vertex, m in self.outputs.items():
+            lines.append(f"output {vertex}: accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  macro F1 {m['macro_f1']:.4f}")
         return "\n".join(lines)
 
 
@@ -153,6 +177,11 @@ def _metrics(confusion: np.ndarray, loss_sum: float, loss_rows: int, errors: int
     )
 
 
+def _loss_arg(specs: Sequence[LossSpec]) -> dict[str, Any] | list[dict[str, Any]]:
+    """The Scorer's ``loss``: one spec's dict, or a list for several outputs."""
+    return specs[0].to_dict() if len(specs) == 1 else [s.to_dict() for s in specs]
+
+
 def _is_feature_set(data: Any, storage_options: dict | None) -> bool:
     if isinstance(data, FeatureSet):
         return True
@@ -166,12 +195,16 @@ def _pool(model: fx.GraphModule, resources: Resources | None, on_features: bool)
 
     ensure_ray()
     specs = loss_specs(model)
-    if len(specs) != 1:
-        raise ValueError(f"evaluate/predict need a model with one output; it has {len(specs)}")
     # a head on features is cheap: one actor, unless asked; images get the featurization plan
     if on_features and (resources is None or resources.num_workers is None):
         resources = (resources or Resources()).model_copy(update={"num_workers": 1})
-    return specs[0], plan_actors(resources)
+    return specs, plan_actors(resources)
+
+
+def _one_output(specs: Sequence[LossSpec]) -> None:
+    if len(specs) != 1:
+        raise ValueError(f"predict needs a model with one output; it has {len(specs)} ({', '.join(s.vertex for s in specs)}): "
+                         "set_outputs(...) the one to predict with")
 
 
 def _score(ds: Any, model: fx.GraphModule, kwargs: dict[str, Any], pool: Any, batch_size: int, config: Any) -> Any:
@@ -192,16 +225,16 @@ def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batc
     from surgery.preprocess import model_preprocessing
 
     on_features = _is_feature_set(data, storage_options)
-    spec, pool = _pool(model, resources, on_features)
+    specs, pool = _pool(model, resources, on_features)
     if on_features:
         fset = data if isinstance(data, FeatureSet) else FeatureSet.open(str(data), storage_options)
         fset.check(model)
-        kwargs = {"inputs": "features", "loss": spec.to_dict(), "feature_columns": list(fset.feature_columns)}
+        kwargs = {"inputs": "features", "loss": _loss_arg(specs), "feature_columns": list(fset.feature_columns)}
         return _score(fset.to_dataset(), split(model).unfrozen, kwargs, pool, batch_size, None), fset.classes, \
             f"feature set {fset.uri}"
     src = data if isinstance(data, ImageSource) else read_images(str(data), storage_options, classes=classes)
     config = model_preprocessing(model, None, image_size)
-    kwargs = {"inputs": "pixels", "loss": spec.to_dict(), "preprocessing": config.to_dict()}
+    kwargs = {"inputs": "pixels", "loss": _loss_arg(specs), "preprocessing": config.to_dict()}
     ds = source_rows(src, config, num_cpus=pool.decode_cpus)
     return _score(ds, model, kwargs, pool, batch_size, config), tuple(src.classes), f"images {src.uri}"
 
@@ -210,11 +243,12 @@ def scored_rows(model: fx.GraphModule, src: ImageSource, shards: list[tuple[int,
                 writer: dict[str, Any], batch_size: int, resources: Resources | None, config: Any) -> Any:
     """Predictions of these shards of ``src``, written where they are scored (``writer``):
     a Ray Dataset of slice summaries (for :func:`pipeline.predict`)."""
-    spec, pool = _pool(model, resources, False)
+    specs, pool = _pool(model, resources, False)
+    _one_output(specs)
     read = ReadSpec(src.storage_options, config.to_dict(), stride, options=src.options.to_dict(),
                     classes=tuple(src.classes), root=src.root)
     ds = rows_dataset(src, shards, read, pool.decode_cpus, decode_memory(config, read.batch_size), 4 * read.batch_size)
-    kwargs = {"inputs": "pixels", "loss": spec.to_dict(), "preprocessing": config.to_dict(), "writer": writer}
+    kwargs = {"inputs": "pixels", "loss": _loss_arg(specs), "preprocessing": config.to_dict(), "writer": writer}
     return _score(ds, model, kwargs, pool, batch_size, config)
 
 
@@ -232,11 +266,8 @@ def _local_scored(model: fx.GraphModule, data: Any, storage_options: dict | None
     if fset.rows * 4 * sum(math.prod(s) for s in fset.feature_shapes) > local_limit_bytes() or fset.rows == 0:
         return None, (), ""
     fset.check(model)
-    specs = loss_specs(model)
-    if len(specs) != 1:
-        raise ValueError(f"evaluate/predict need a model with one output; it has {len(specs)}")
     table = fset.read(["row_id", "label", *fset.feature_columns])
-    scorer = Scorer(copy.deepcopy(split(model).unfrozen), "features", specs[0].to_dict(),
+    scorer = Scorer(copy.deepcopy(split(model).unfrozen), "features", _loss_arg(loss_specs(model)),
                     feature_columns=fset.feature_columns, device="cpu")
     columns = {c: (table.column(c).combine_chunks().to_numpy_ndarray() if c in fset.feature_columns
                    else table.column(c).to_numpy()) for c in table.column_names}
@@ -273,11 +304,14 @@ def evaluate(
     if batches is None:
         ds, names, what = _scored(model, data, storage_options, batch_size, resources, image_size, classes)
         batches = ds.iter_batches(batch_size=None, batch_format="numpy")
-    spec = loss_specs(model)[0]
-    if spec.n_out is not None and len(names) > spec.n_out:
-        raise ValueError(f"the data has {len(names)} classes but output {spec.vertex!r} has {spec.n_out} units")
-    k = max(len(names), spec.n_out or 0)
-    confusion = np.zeros((k, k), dtype=np.int64)
+    specs = loss_specs(model)
+    for spec in specs:
+        if spec.n_out is not None and len(names) > spec.n_out:
+            raise ValueError(f"the data has {len(names)} classes but output {spec.vertex!r} has {spec.n_out} units")
+    k = max([len(names)] + [s.n_out or 0 for s in specs])
+    several = len(specs) > 1
+    confusions = [np.zeros((k, k), dtype=np.int64) for _ in specs]
+    output_loss = [[0.0, 0] for _ in specs]
     loss_sum, loss_rows, errors, unlabeled = 0.0, 0, 0, 0
     for batch in batches:
         if "index" in batch:  # a shard's end marker is not a row
@@ -285,17 +319,28 @@ def evaluate(
         bad = ~readable(batch["error"])
         errors += int(bad.sum())
         labels = np.asarray(batch["label"])[~bad]
-        predicted = np.asarray(batch["predicted"])[~bad]
         unlabeled += int((labels < 0).sum())
         keep = labels >= 0
-        np.add.at(confusion, (labels[keep], np.minimum(predicted[keep], k - 1)), 1)
+        for i, confusion in enumerate(confusions):
+            predicted = np.asarray(batch[f"predicted_{i}" if several else "predicted"])[~bad]
+            np.add.at(confusion, (labels[keep], np.minimum(predicted[keep], k - 1)), 1)
+            if several:
+                part = np.asarray(batch[f"loss_{i}"])[~bad][keep]
+                output_loss[i][0] += float(np.nansum(part))
+                output_loss[i][1] += int(np.isfinite(part).sum())
         losses = np.asarray(batch["loss"])[~bad][keep]
         loss_sum += float(np.nansum(losses))
         loss_rows += int(np.isfinite(losses).sum())
     if unlabeled:
         raise ValueError(f"{unlabeled} rows of {what} have no label; evaluate needs labelled data (use predict)")
-    result = _metrics(confusion, loss_sum, loss_rows, errors, list(names) + [str(i) for i in range(len(names), k)],
-                      time.perf_counter() - started, what)
+    class_names = list(names) + [str(i) for i in range(len(names), k)]
+    seconds = time.perf_counter() - started
+    result = _metrics(confusions[0], loss_sum, loss_rows, errors, class_names, seconds, what)
+    if several:
+        for spec, confusion, (o_sum, o_rows) in zip(specs, confusions, output_loss):
+            m = _metrics(confusion, o_sum, o_rows, errors, class_names, seconds, what)
+            result.outputs[spec.vertex] = {"accuracy": m.accuracy, "loss": m.loss, "macro_f1": m.macro_f1,
+                                           "weight": spec.weight, "confusion": m.confusion}
     log.info("evaluated %s: accuracy %.4f, loss %.4f over %d rows (%d errors)", what, result.accuracy, result.loss,
              result.rows, result.errors)
     return result

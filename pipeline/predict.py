@@ -68,7 +68,8 @@ def _output_width(model: fx.GraphModule, config: Any) -> int:
 
     specs = loss_specs(model)
     if len(specs) != 1:
-        raise ValueError(f"evaluate/predict need a model with one output; it has {len(specs)}")
+        raise ValueError(f"predict needs a model with one output; it has {len(specs)} ({', '.join(s.vertex for s in specs)}): "
+                         "set_outputs(...) the one to predict with")
     if specs[0].n_out:
         return int(specs[0].n_out)
     with torch.no_grad():

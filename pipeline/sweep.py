@@ -168,7 +168,9 @@ def _trial(config: dict[str, Any], *, heads: Any, data: Any, base: dict[str, Any
     torch.manual_seed(base["seed"])
     head = copy.deepcopy(heads[_width_key(config, base["widths"])])  # with_parameters resolved them from the object store
     tensors = data
-    ftc = FineTuneConfiguration.from_dict({**base["fine_tune"], **{k: config[k] for k in _FTC_KEYS if k in config}})
+    sampled = {k: config[k] for k in _FTC_KEYS if k in config}  # merged as the builder merges (a new updater replaces the old)
+    ftc = FineTuneConfiguration.from_dict(base["fine_tune"])
+    ftc = ftc.merged(FineTuneConfiguration.from_dict(sampled)) if sampled else ftc
     for module in head.modules():  # the fine-tune configuration's dropout, as the builder applies it
         if isinstance(module, Layer) and any(p.requires_grad for p in module.parameters()):
             module.default_dropout = ftc.dropout

@@ -23,6 +23,8 @@ _EXPORTS: dict[str, str | None] = {
     "FineTuneConfiguration": "finetune",
     "fingerprint": "fingerprint",
     "frozen_fingerprint": "fingerprint",
+    "probe": "fingerprint",
+    "ProbeMismatch": "fingerprint",
     "freeze_": "freeze",
     "is_frozen": "freeze",
     "unfreeze_": "freeze",
@@ -57,7 +59,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from . import edits, layers, losses, specs, training, vertices, zoo
     from .builder import TransferLearning
     from .finetune import FineTuneConfiguration
-    from .fingerprint import fingerprint, frozen_fingerprint
+    from .fingerprint import ProbeMismatch, fingerprint, frozen_fingerprint, probe
     from .freeze import freeze_, is_frozen, unfreeze_
     from .graph import ShapeError, VertexError, vertex_names
     from .helper import Split, TransferLearningHelper, split

@@ -10,6 +10,12 @@ model in a fixed order, so the result does not depend on the order of the calls:
 5. shape propagation (``n_in`` inference; shape errors are raised here);
 6. freezing (``set_feature_extractor``, ``freeze``, ``unfreeze``) and the fine-tune configuration.
 
+Edits of neighbouring vertices compose, as DL4J's do (:mod:`surgery.compose`): removing a
+vertex an earlier removal already took (with what it was computed from) does nothing more,
+a width edit of a layer whose input width a producer's ``n_out_replace`` opened updates
+it, and a removal called twice is one removal; edits that truly conflict raise an error
+naming both.
+
 Calling ``set_feature_extractor`` more than once freezes the union of what was named.
 New weights are drawn from a generator per (seed, vertex name) when the fine-tune
 configuration has a seed, so they too do not depend on the call order.
@@ -27,9 +33,11 @@ from torch import nn
 from . import edits as E
 from . import layers as L
 from . import ops
+from .compose import EditRun, describe_op
 from .finetune import FineTuneConfiguration
 from .freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes
 from .graph import (
+    ShapeError,
     VertexError,
     example_input,
     propagate_,
@@ -38,13 +46,14 @@ from .graph import (
     vertex_table,
 )
 from .recipe import get_info, set_info_
-from .specs import build_module, describe
+from .specs import describe
 
 __all__ = ["TransferLearning", "apply_ops"]
 
 log = logging.getLogger(__name__)
 
 _SINGLE = ("set_outputs", "fine_tune_configuration")
+_IDEMPOTENT = ("remove_vertex_keep_connections", "remove_vertex_and_connections")
 
 
 class TransferLearning:
@@ -80,7 +89,10 @@ class TransferLearning:
         if key is not None:
             for o in self._ops:
                 if _key(o) == key and o.op == kind:
-                    raise ValueError(f"{kind}({key!r}) was already called on this builder")
+                    if kind in _IDEMPOTENT:  # DL4J users repeat removals; removing a vertex twice is removing it
+                        return self
+                    raise ValueError(f"{kind}({key!r}) was already called on this builder: {describe_op(o)} and "
+                                     f"{describe_op(op)} conflict; call it once")
         self._ops.append(op)
         return self
 
@@ -147,12 +159,14 @@ class TransferLearning:
         return self.remove_layers_from_output(1)
 
     def remove_layers_from_output(self, n: int) -> "TransferLearning":
-        """DL4J's ``removeLayersFromOutput(n)`` on a chain: remove its last ``n`` layers."""
+        """DL4J's ``removeLayersFromOutput(n)`` on a chain: remove its last ``n`` layers (of
+        those earlier calls left, as DL4J counts: two ``remove_output_layer()`` remove two)."""
         chain = self._layers()
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= len(chain):
-            raise ValueError(f"remove_layers_from_output takes 1..{len(chain)} (the chain's layers), got {n!r}")
+        left = len(chain) - self._removed_from_output
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= left:
+            raise ValueError(f"remove_layers_from_output takes 1..{left} (the chain's layers left), got {n!r}")
         self._removed_from_output += n
-        return self._record(E.RemoveVertexAndConnections(vertex=chain[-n]))
+        return self._record(E.RemoveVertexAndConnections(vertex=chain[left - n]))
 
     def add_layer(self, name: str | nn.Module, layer: nn.Module | None = None, *inputs: str | int) -> "TransferLearning":
         """Add ``layer`` as vertex ``name`` after ``inputs`` (several inputs are concatenated
@@ -260,17 +274,6 @@ def layer_chain(model: fx.GraphModule) -> list[str]:
     return [vertex_of(n, calls) for n in nodes if n.op == "call_module"]
 
 
-def _chain_end(model: fx.GraphModule) -> str:
-    """The last vertex of a chain being edited (after removals): where a layer is appended."""
-    from collections import Counter
-
-    nodes = [n for n in model.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
-    if not nodes:
-        return next(n.name for n in model.graph.nodes if n.op == "placeholder")
-    calls = Counter(n.target for n in nodes if n.op == "call_module")
-    return vertex_of(nodes[-1], calls)
-
-
 def _key(op: E.Op) -> str | None:
     return getattr(op, "vertex", None) if isinstance(getattr(op, "vertex", None), str) else getattr(op, "name", None)
 
@@ -318,40 +321,20 @@ def apply_ops(model: fx.GraphModule, ops_: Sequence[E.Op | dict[str, Any]],
     for o in ordered:
         if isinstance(o, E.FineTuneOp):  # DL4J: only the settings given override the model's
             config = config.merged(o.config) if config is not None else o.config
-    seed = config.seed if config is not None else None
     old_outputs = _outputs(model)
     previous_frozen = {n.name for n in frozen_nodes(model)}
+    run = EditRun(model, config.seed if config is not None else None, modules or {})
     for o in ordered:
-        if isinstance(o, E.RemoveVertexKeepConnections):
-            ops.remove_keep_connections_(model, o.vertex)
-        elif isinstance(o, E.RemoveVertexAndConnections):
-            if o.vertex not in vertex_table(model):
-                if any(h.meta.get(ops.HOLE_KEY) == o.vertex for h in ops.holes(model)):
-                    raise VertexError(f"vertex {o.vertex!r} is removed twice (keep and and-connections)")
-                resolve(model, o.vertex)  # unknown: raises with close names
-            ops.remove_and_connections_(model, o.vertex)
-        elif isinstance(o, E.NOutReplace):
-            fan_out = o.fan_out_init if o.fan_out_init is not None else o.weight_init
-            ops.n_out_replace_(model, o.vertex, o.n_out, o.weight_init, fan_out, seed)
-        elif isinstance(o, E.NInReplace):
-            ops.n_in_replace_(model, o.vertex, o.n_in, o.weight_init, seed)
-        elif isinstance(o, (E.AddLayer, E.AddVertex)):
-            module = (modules or {}).get(o.name)
-            if module is None:
-                spec = o.spec()
-                if spec is None:
-                    raise ValueError(f"{o.op}({o.name!r}): the recipe has no description of its module")
-                module = build_module(spec)
-            appending = isinstance(o, E.AddLayer) and o.append
-            inputs = [_chain_end(model)] if appending else o.inputs
-            ops.add_module_(model, o.name, module, inputs, merge=isinstance(o, E.AddLayer), seed=seed)
-            if appending:  # the appended layer is the chain's new end, and its output
-                ops.set_outputs_(model, [o.name])
-        elif isinstance(o, E.SetOutputs):
-            ops.set_outputs_(model, o.vertices)
+        run.apply(o)
     ops.finish_(model)
-    propagate_(model, example_input(info.preprocessing.input_size))
+    try:
+        propagate_(model, example_input(info.preprocessing.input_size))
+    except ShapeError as exc:
+        raise run.explain(exc) from exc.__cause__
     ops.finish_(model)  # propagation swapped pending modules for real ones
+    for o in ordered:
+        if isinstance(o, (E.SetFeatureExtractor, E.Freeze, E.Unfreeze)):
+            run.check_present(o, o.vertices)
     _freeze_from_ops(model, ordered, previous_frozen)
     info = get_info(model)
     outputs = _outputs(model)

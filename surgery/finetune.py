@@ -33,7 +33,13 @@ takes the probability of *retaining* an activation: DL4J's ``dropOut(0.8)`` is
 
 Given to ``TransferLearning.fine_tune_configuration`` on a model that already has a
 configuration, only the settings given override it (DL4J's semantics): the object
-remembers which settings its author chose (``to_dict`` holds just those).
+remembers which settings its author chose (``to_dict`` holds just those). The updater is
+one object in DL4J (``new RmsProp(0.2)``), so a configuration that names an ``updater``
+replaces the old updater whole: its hyper-parameters (:data:`UPDATER_SETTINGS`: ``lr``,
+``momentum``, ``decay``, ``eps``, ``betas``) are the new configuration's or the new
+updater's defaults, never the old updater's. Settings that are not the updater's
+(``l1``, ``l2``, ``weight_decay``, ``dropout``, ``seed``, schedules, ``lr_multipliers``,
+``loss_weights``, a layer's own ``lr``) still merge.
 """
 
 from __future__ import annotations
@@ -47,13 +53,16 @@ from torch import nn
 
 from .schema import Schema
 
-__all__ = ["FineTuneConfiguration", "UPDATERS", "SCHEDULES", "UPDATER_DEFAULTS"]
+__all__ = ["FineTuneConfiguration", "UPDATERS", "SCHEDULES", "UPDATER_DEFAULTS", "UPDATER_SETTINGS"]
 
 Schedule = Literal["constant", "step", "exponential", "cosine"]
 SCHEDULES = ("constant", "step", "exponential", "cosine")
 UPDATERS = ("sgd", "nesterov", "adam", "adamw", "adamax", "nadam", "amsgrad", "adagrad", "adadelta", "rmsprop", "noop")
 Updater = Literal["sgd", "nesterov", "adam", "adamw", "adamax", "nadam", "amsgrad", "adagrad", "adadelta", "rmsprop", "noop"]
 _ALIASES = {"nesterovs": "nesterov", "none": "noop"}  # DL4J's names that differ from ours, lower-cased
+
+# the updater's own hyper-parameters: a configuration naming an updater replaces them all
+UPDATER_SETTINGS = ("lr", "momentum", "decay", "eps", "betas")
 
 # settings an updater uses when they are not given (DL4J's defaults)
 UPDATER_DEFAULTS: dict[str, dict[str, float]] = {
@@ -99,6 +108,7 @@ class FineTuneConfiguration(Schema):
     lr_multipliers: dict[str, float] = Field(default_factory=dict)  # vertex or container -> lr multiplier (longest name wins)
     lr_slice: tuple[float, float] | None = None  # fastai's discriminative slice: lr from the first trainable block to the last
     mixed_precision: bool | Literal["bf16", "fp16"] = False  # autocast while training (see surgery.training.precision)
+    loss_weights: dict[str, float] = Field(default_factory=dict)  # output vertex -> weight of its loss in the sum (default 1)
 
     @field_validator("updater", mode="before")
     @classmethod
@@ -126,6 +136,29 @@ class FineTuneConfiguration(Schema):
         if bad:
             raise ValueError(f"lr_multipliers must map vertex names to non-negative numbers, got {bad}")
         return v
+
+    @field_validator("loss_weights")
+    @classmethod
+    def _loss_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0}
+        if bad:
+            raise ValueError(f"loss_weights must map output vertices to non-negative numbers, got {bad}")
+        return v
+
+    def merged(self, other: "FineTuneConfiguration") -> "FineTuneConfiguration":
+        """These settings with those given in ``other`` overriding them; an ``updater``
+        given in ``other`` replaces this one's whole (see the module docstring).
+
+        Example:
+            >>> old = FineTuneConfiguration(updater="nesterov", lr=0.01, momentum=0.99)
+            >>> old.merged(FineTuneConfiguration(updater="rmsprop", lr=0.2)).momentum is None  # RmsProp's default
+            True
+        """
+        mine = self.to_dict()
+        theirs = other.to_dict()
+        if "updater" in theirs:
+            mine = {k: v for k, v in mine.items() if k not in UPDATER_SETTINGS}
+        return type(self).from_dict({**mine, **theirs})
 
     @model_validator(mode="after")
     def _slice(self) -> "FineTuneConfiguration":

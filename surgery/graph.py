@@ -51,7 +51,12 @@ class VertexError(ValueError):
 
 
 class ShapeError(ValueError):
-    """Two connected vertices disagree about a tensor's shape."""
+    """Two connected vertices disagree about a tensor's shape. ``vertex`` names the
+    vertex that could not take its input (None when unknown)."""
+
+    def __init__(self, message: str, vertex: str | None = None) -> None:
+        super().__init__(message)
+        self.vertex = vertex
 
 
 @dataclass(frozen=True)
@@ -344,7 +349,8 @@ class _Propagator(fx.Interpreter):
             what = f" ({type(self.fetch_attr(str(n.target))).__name__}{', ' + what if what else ''})"
         return ShapeError(
             f"vertex {vertex_of(n, self._calls)!r}{what} cannot take its input from {described}: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            vertex=vertex_of(n, self._calls),
         )
 
 
@@ -368,6 +374,8 @@ def propagate_(model: fx.GraphModule, *inputs: torch.Tensor) -> Any:
     try:
         with torch.no_grad():
             return _Propagator(model).run(*inputs)
+    except ShapeError as exc:  # fx.Interpreter appends its own trace of the node to the message
+        raise ShapeError(str(exc).splitlines()[0], exc.vertex) from exc.__cause__
     finally:
         model.train(was_training)
 

@@ -18,9 +18,10 @@ import torch
 import torch.fx as fx
 
 from . import training
+from .builder import layer_chain
 from .finetune import FineTuneConfiguration
 from .freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes, frozen_prefix
-from .graph import vertex_of
+from .graph import VertexError, vertex_of
 from .objective import loss_specs
 from .recipe import get_info
 
@@ -67,12 +68,27 @@ def split(model: fx.GraphModule) -> Split:
     return Split(frozen_gm, unfrozen_gm, tuple(vertex_of(b, calls) for b in boundary))
 
 
+def _vertex(model: fx.GraphModule, vertex: str | int) -> str:
+    """A vertex name, or a layer index resolved on the model's chain (as the builder does)."""
+    if isinstance(vertex, bool) or not isinstance(vertex, (str, int)):
+        raise TypeError(f"a vertex is a name or (on a chain) a layer index, got {vertex!r}")
+    if isinstance(vertex, str):
+        return vertex
+    chain = layer_chain(model)
+    if not -len(chain) <= vertex < len(chain):
+        raise VertexError(f"layer index {vertex} is out of range: the chain has {len(chain)} layers "
+                          f"(0-{len(chain) - 1}); surgery.summary(model) numbers them")
+    return chain[vertex]
+
+
 class TransferLearningHelper:
     """Featurize with the frozen part of a model and train the rest on the features.
 
     ``TransferLearningHelper(model, *frozen_till)`` freezes ``frozen_till`` and all their
     ancestors in place (DL4J does the same); with no vertices, ``model`` must already
-    have a frozen part. Training updates ``model``'s own parameters.
+    have a frozen part. On a chain, a layer may be given by its index (DL4J's
+    ``TransferLearningHelper(net, 1)`` freezes layers 0-1). Training updates ``model``'s
+    own parameters.
 
     Example:
         >>> helper = TransferLearningHelper(model, "fc2")
@@ -81,10 +97,10 @@ class TransferLearningHelper:
         ...     helper.fit_featurized(feats, labels)
     """
 
-    def __init__(self, model: fx.GraphModule, *frozen_till: str) -> None:
+    def __init__(self, model: fx.GraphModule, *frozen_till: str | int) -> None:
         get_info(model)
         if frozen_till:
-            apply_frozen_(model, feature_extractor_nodes(model, frozen_till))
+            apply_frozen_(model, feature_extractor_nodes(model, [_vertex(model, v) for v in frozen_till]))
         elif not frozen_nodes(model):
             raise ValueError("the model has no frozen vertices; name the vertices to freeze: TransferLearningHelper(model, 'fc2')")
         self.model = model
@@ -117,16 +133,30 @@ class TransferLearningHelper:
         """One optimizer step of the unfrozen part on ``features`` (DL4J's ``fitFeaturized``),
         the same step every freezeray trainer takes (:func:`surgery.training.train_step`).
 
+        Args:
+            features: what :meth:`featurize` returned.
+            labels: one target per output (a tuple in output order, as DL4J's
+                ``MultiDataSet`` labels), or one tensor every output is scored against.
+
         Returns:
-            the batch loss before the step.
+            the batch loss before the step (the weighted sum over outputs).
+
+        Raises:
+            ValueError: targets that do not fit the outputs; nothing has changed then.
         """
         head = self._split.unfrozen
         config = self._config()
-        if self._optimizer is None:
-            self._optimizer = config.build_optimizer(head)
+        optimizer = self._optimizer if self._optimizer is not None else config.build_optimizer(head)
+        was = head.training
         head.train()
         args = features if isinstance(features, tuple) else (features,)
-        return training.train_step(head, args, labels, self._optimizer, config, self._specs).loss
+        try:
+            loss = training.train_step(head, args, labels, optimizer, config, self._specs).loss
+        except BaseException:
+            head.train(was)
+            raise
+        self._optimizer = optimizer  # kept only once a step succeeded
+        return loss
 
     def output_from_featurized(self, features: Features) -> Any:
         """The model's output (after activations) from features, in eval mode."""

@@ -102,7 +102,9 @@ def from_module(module: nn.Module, *, preprocessing: PreprocessConfig | dict[str
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     out = next(n for n in gm.graph.nodes if n.op == "output")
     outputs = [vertex_of(n, calls) for n in out.all_input_nodes]
-    spec = describe(module) if type(module) is nn.Sequential else None
+    # a Sequential's spec rebuilds children named 0, 1, ...: one with other names is code (load needs base=)
+    indexed = type(module) is nn.Sequential and [n for n, _ in module.named_children()] == [str(i) for i in range(len(module))]
+    spec = describe(module) if indexed else None
     kind = f"{type(module).__module__}.{type(module).__qualname__}"
     set_info_(gm, ModelInfo(name=label, weights=None, origin="module",
                             base_kwargs={"class": kind, **({"spec": spec} if spec is not None else {}),

@@ -229,11 +229,41 @@ def _with_widths(module: nn.Module, n_in: int | None, n_out: int | None, init: A
         return layer
     m: Any = module
     out_w = n_out if n_out is not None else int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
-    generator = L.layer_generator(seed, name) if seed is not None else None
     if n_in == -1:  # open: wait for the width shape propagation finds
-        return Pending(lambda x: _fresh_linear_or_conv(module, int(x.shape[1]), out_w, init, generator),
-                       f"{type(module).__name__} {name!r}")
+        return _Rebuild(module, out_w, init, seed, name)
+    generator = L.layer_generator(seed, name) if seed is not None else None
     return _fresh_linear_or_conv(module, n_in if n_in is not None else _width_in(module), out_w, init, generator)
+
+
+class _Rebuild(Pending):
+    """A Linear/Conv layer (any subclass, e.g. timm's Conv2dSame) waiting for shape
+    propagation to find its input width, then rebuilt with fresh weights: what an
+    ``n_out_replace`` of a producer leaves. Later edits of the same layer update it
+    (its own ``n_out_replace`` changes the output width and init, ``n_in_replace`` fixes
+    the input width), so edits of neighbouring layers compose."""
+
+    def __init__(self, base: nn.Module, n_out: int, init: Any, seed: int | None, name: str) -> None:
+        super().__init__(self._make, f"{type(base).__name__} {name!r}")
+        object.__setattr__(self, "base", base)  # not a submodule: it is replaced, never run
+        self.base: nn.Module
+        self.n_out, self.init, self.seed, self.name = int(n_out), init, seed, name
+
+    def with_n_out(self, n_out: int, init: Any) -> "_Rebuild":
+        return _Rebuild(self.base, n_out, init, self.seed, self.name)
+
+    def with_n_in(self, n_in: int, init: Any) -> nn.Module:
+        return _fresh_linear_or_conv(self.base, n_in, self.n_out, init, self._generator())
+
+    def _generator(self) -> torch.Generator | None:
+        return L.layer_generator(self.seed, self.name) if self.seed is not None else None
+
+    def _make(self, x: torch.Tensor) -> nn.Module:
+        return _fresh_linear_or_conv(self.base, int(x.shape[1]), self.n_out, self.init, self._generator())
+
+
+class _ChannelPending(Pending):
+    """A channel-wise module (BatchNorm, GroupNorm, LayerNorm, depthwise convolution)
+    waiting for the width that arrives; widths pass through it."""
 
 
 def _init_seed(seed: int | None) -> int:
@@ -269,7 +299,7 @@ def _channelwise_pending(module: Any, name: str) -> Pending:
             new.num_batches_tracked = torch.tensor(0, dtype=torch.long)
         return new
 
-    return Pending(build, f"{type(module).__name__} {name!r}")
+    return _ChannelPending(build, f"{type(module).__name__} {name!r}")
 
 
 def _layer_node(gm: fx.GraphModule, vertex: str, op: str) -> tuple[fx.Node, nn.Module]:
@@ -280,7 +310,7 @@ def _layer_node(gm: fx.GraphModule, vertex: str, op: str) -> tuple[fx.Node, nn.M
         raise VertexError(f"{op} needs a layer with weights (Linear, Conv, Dense, Output, Convolution); {vertex!r} is {what}")
     node = v.nodes[0]
     module = gm.get_submodule(str(node.target))
-    if not is_parametric(module):
+    if not (is_parametric(module) or isinstance(module, _Rebuild)):  # _Rebuild: a producer's edit opened its width
         raise VertexError(f"{op} needs a layer with weights (Linear, Conv, Dense, Output, Convolution); "
                           f"{vertex!r} is a {type(module).__name__}")
     return node, module
@@ -294,24 +324,37 @@ def n_out_replace_(gm: fx.GraphModule, vertex: str, n_out: int, weight_init: Any
     flatten, reshapes, element-wise ops), channel-wise ones are rebuilt for it
     (BatchNorm, GroupNorm, LayerNorm, depthwise convolutions), and every parametric
     layer it reaches gets an input width inferred by shape propagation and fresh weights
-    initialised with ``fan_out_init``. Returns the names of the rebuilt consumers.
+    initialised with ``fan_out_init``. It stops at the place of a vertex removed with
+    ``remove_vertex_keep_connections`` (the vertex that takes it decides its own width).
+    ``vertex`` may itself be waiting for its input width (an earlier ``n_out_replace`` of
+    its producer): it keeps waiting, with the new output width. Returns the names of the
+    rebuilt consumers.
     """
     if not isinstance(n_out, int) or isinstance(n_out, bool) or n_out <= 0:
         raise ValueError(f"n_out_replace({vertex!r}): n_out must be a positive integer, got {n_out!r}")
     node, module = _layer_node(gm, vertex, "n_out_replace")
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
-        raise VertexError(f"n_out_replace({vertex!r}): grouped convolutions (groups={module.groups}) cannot change width")
-    gm.set_submodule(str(node.target), _with_widths(module, None, n_out, weight_init, seed, vertex))
+    base = module.base if isinstance(module, _Rebuild) else module
+    if isinstance(base, nn.modules.conv._ConvNd) and base.groups > 1:
+        raise VertexError(f"n_out_replace({vertex!r}): grouped convolutions (groups={base.groups}) cannot change width")
+    new: nn.Module
+    if isinstance(module, _Rebuild):
+        new = module.with_n_out(n_out, weight_init)
+    else:
+        new = _with_widths(module, None, n_out, weight_init, seed, vertex)
+    gm.set_submodule(str(node.target), new)
     rebuilt: list[str] = []
     seen: set[fx.Node] = set()
     frontier = list(node.users)
     while frontier:
         u = frontier.pop(0)
-        if u in seen or u.op == "output":
+        if u in seen or u.op == "output" or HOLE_KEY in u.meta:
             continue
         seen.add(u)
         if u.op == "call_module":
             m = gm.get_submodule(str(u.target))
+            if isinstance(m, _Rebuild):  # already waiting for its input width (another producer's edit)
+                rebuilt.append(str(u.target))
+                continue
             if is_parametric(m) and not _is_depthwise(m):
                 gm.set_submodule(str(u.target), _with_widths(m, -1, None, fan_out_init, seed, str(u.target)))
                 rebuilt.append(str(u.target))
@@ -324,12 +367,17 @@ def n_out_replace_(gm: fx.GraphModule, vertex: str, n_out: int, weight_init: Any
 
 
 def n_in_replace_(gm: fx.GraphModule, vertex: str, n_in: int, weight_init: Any, seed: int | None) -> None:
-    """Give ``vertex`` ``n_in`` inputs and fresh weights (DL4J's ``nInReplace``). The build
-    fails with a shape error if its input does not have that width. This is done in place."""
+    """Give ``vertex`` ``n_in`` inputs and fresh weights (DL4J's ``nInReplace``), also when
+    an ``n_out_replace`` of its producer left its input width open. The build fails with
+    a shape error if its input does not have that width. This is done in place."""
     if not isinstance(n_in, int) or isinstance(n_in, bool) or n_in <= 0:
         raise ValueError(f"n_in_replace({vertex!r}): n_in must be a positive integer, got {n_in!r}")
     node, module = _layer_node(gm, vertex, "n_in_replace")
-    gm.set_submodule(str(node.target), _with_widths(module, n_in, None, weight_init, seed, vertex))
+    if isinstance(module, _Rebuild):
+        new = module.with_n_in(n_in, weight_init)
+    else:
+        new = _with_widths(module, n_in, None, weight_init, seed, vertex)
+    gm.set_submodule(str(node.target), new)
 
 
 # ---------------------------------------------------------------------------------------

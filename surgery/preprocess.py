@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = ["PreprocessConfig", "model_preprocessing", "decode_image", "resize_crop", "preprocess_bytes", "normalize",
-           "MAX_IMAGE_PIXELS"]
+           "Geometry", "geometry", "MAX_IMAGE_PIXELS", "CROP_MODES"]
 
 # Images with more pixels are refused before their pixels are decoded (Pillow's own
 # decompression-bomb threshold): a 20,000 x 20,000 PNG is a few hundred KB on disk and
@@ -21,14 +21,24 @@ MAX_IMAGE_PIXELS = 89_478_485
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+CropMode = Literal["center", "squash", "border"]
+CROP_MODES = ("center", "squash", "border")  # timm's crop modes (timm.data.transforms_imagenet_eval)
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How images become the model's input tensor (timm's ``pretrained_cfg`` in small).
 
-    Eval-time recipe, as torchvision's and timm's: resize the shorter side to
-    ``resize_size``, centre-crop to ``input_size``, scale to [0, 1], then normalize.
+    Eval-time recipe, as torchvision's and timm's (``transforms_imagenet_eval``), by
+    ``crop_mode``:
+
+    * ``"center"``: resize the shorter side to ``resize_size``, centre-crop to ``input_size``;
+    * ``"squash"``: resize each side to ``floor(side / crop_pct)`` (the aspect ratio is not
+      kept), centre-crop to ``input_size``;
+    * ``"border"``: resize the longer side to ``floor(side / crop_pct)`` keeping the aspect
+      ratio, pad to ``input_size`` with the mean colour (``round(255 * mean)``), centre-crop;
+
+    then scale to [0, 1] and normalize.
     """
 
     input_size: tuple[int, int, int] = (3, 224, 224)  # (C, H, W) the model is fed
@@ -36,9 +46,12 @@ class PreprocessConfig:
     interpolation: Interpolation = "bilinear"  # PIL resampling filter used for the resize
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # per-channel mean subtracted after scaling to [0, 1]
     std: tuple[float, ...] = (0.229, 0.224, 0.225)  # per-channel std divided after the mean
+    crop_mode: CropMode = "center"  # how the resize keeps the image's aspect ratio (see above)
 
     def __post_init__(self) -> None:
         problems = []
+        if self.crop_mode not in CROP_MODES:
+            problems.append(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {self.crop_mode!r}")
         if len(self.input_size) != 3 or any(int(v) <= 0 for v in self.input_size):
             problems.append(f"input_size must be (C, H, W) with positive sizes, got {self.input_size}")
         elif self.input_size[0] not in (1, 3):
@@ -71,14 +84,19 @@ class PreprocessConfig:
         return replace(self, input_size=(self.input_size[0], int(h), int(w)))
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-able data; ``crop_mode`` only when it is not ``"center"``,
+        so configs (and the fingerprints of feature sets made with them) from before crop
+        modes existed are unchanged."""
         d = asdict(self)
         d["input_size"] = list(self.input_size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.crop_mode == "center":
+            del d["crop_mode"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
-        known = {"input_size", "crop_pct", "interpolation", "mean", "std"}
+        known = {"input_size", "crop_pct", "interpolation", "mean", "std", "crop_mode"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; valid keys: {sorted(known)}")
@@ -179,30 +197,66 @@ def _to_8bit(img: "Image.Image") -> "Image.Image":
     return img
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image of a given size goes: resized to ``size``, padded by ``pad`` with
+    ``fill``, and the input-sized window at ``crop`` cut out. The CPU (PIL) and GPU
+    (tensor) paths both follow it."""
+
+    size: tuple[int, int]  # (width, height) after the resize
+    pad: tuple[int, int, int, int]  # (left, top, right, bottom) added after the resize
+    crop: tuple[int, int]  # (left, top) of the output window in the padded image
+    fill: tuple[int, ...]  # the padding's value per channel
+
+
+def geometry(width: int, height: int, config: PreprocessConfig) -> Geometry:
+    """The resize, padding and crop of ``config.crop_mode`` for a ``width`` x ``height``
+    image, as timm's ``transforms_imagenet_eval`` (``center``: torchvision's ``Resize`` of
+    the shorter side + ``CenterCrop``; ``squash``: ``Resize((h, w))`` + ``CenterCrop``;
+    ``border``: ``ResizeKeepRatio(longest=1)`` + ``CenterCropOrPad`` with the mean colour)."""
+    channels, out_h, out_w = config.input_size
+    fill: tuple[int, ...] = (0,) * channels
+    if config.crop_mode == "center":
+        short, long = (width, height) if width <= height else (height, width)
+        new_short = config.resize_size
+        new_long = int(new_short * long / short)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    else:
+        scale_h, scale_w = math.floor(out_h / config.crop_pct), math.floor(out_w / config.crop_pct)
+        if config.crop_mode == "squash":
+            new_w, new_h = scale_w, scale_h
+        else:  # border: the longer side (relative to the target) fits, the rest is padded
+            ratio = max(height / scale_h, width / scale_w)
+            new_w, new_h = round(width / ratio), round(height / ratio)
+            fill = tuple(round(255 * m) for m in config.mean)
+    pad = (0, 0, 0, 0)
+    if out_w > new_w or out_h > new_h:  # smaller than the crop: pad around the centre, as timm and torchvision do
+        dw, dh = max(0, out_w - new_w), max(0, out_h - new_h)
+        pad = (dw // 2, dh // 2, (dw + 1) // 2, (dh + 1) // 2)
+    padded_w, padded_h = new_w + pad[0] + pad[2], new_h + pad[1] + pad[3]
+    crop = (int(round((padded_w - out_w) / 2.0)), int(round((padded_h - out_h) / 2.0)))
+    return Geometry((int(new_w), int(new_h)), pad, crop, fill)
+
+
 def resize_crop(img: "Image.Image", config: PreprocessConfig) -> "np.ndarray":
-    """Resize the shorter side to ``config.resize_size`` and centre-crop to the input size,
-    as torchvision's ``Resize`` + ``CenterCrop``. Returns uint8 (H, W, C)."""
+    """Resize, pad and crop ``img`` to the input size as ``config.crop_mode`` says (see
+    :func:`geometry`). Returns uint8 (H, W, C)."""
     import numpy as np
 
     _, out_h, out_w = config.input_size
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short = config.resize_size
-    new_long = int(new_short * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), resample=_RESAMPLE[config.interpolation])
-    top = int(round((new_h - out_h) / 2.0))
-    left = int(round((new_w - out_w) / 2.0))
-    if top < 0 or left < 0:  # smaller than the crop: pad with zeros, as torchvision does
-        canvas = np.zeros((max(new_h, out_h), max(new_w, out_w), len(img.getbands())), dtype=np.uint8)
-        arr = np.asarray(img).reshape(new_h, new_w, -1)
-        pt, pl = max(0, -top), max(0, -left)
-        canvas[pt:pt + new_h, pl:pl + new_w] = arr
-        top, left = max(0, top), max(0, left)
-        return canvas[top:top + out_h, left:left + out_w].copy()
-    img = img.crop((left, top, left + out_w, top + out_h))
-    return np.asarray(img, dtype=np.uint8).reshape(out_h, out_w, -1).copy()
+    g = geometry(img.size[0], img.size[1], config)
+    if g.size != img.size:
+        img = img.resize(g.size, resample=_RESAMPLE[config.interpolation])
+    left, top = g.crop
+    if not any(g.pad):
+        img = img.crop((left, top, left + out_w, top + out_h))
+        return np.asarray(img, dtype=np.uint8).reshape(out_h, out_w, -1).copy()
+    new_w, new_h = g.size
+    arr = np.asarray(img, dtype=np.uint8).reshape(new_h, new_w, -1)
+    canvas = np.empty((new_h + g.pad[1] + g.pad[3], new_w + g.pad[0] + g.pad[2], arr.shape[2]), dtype=np.uint8)
+    canvas[:] = np.asarray(g.fill[:arr.shape[2]], dtype=np.uint8)
+    canvas[g.pad[1]:g.pad[1] + new_h, g.pad[0]:g.pad[0] + new_w] = arr
+    return canvas[top:top + out_h, left:left + out_w].copy()
 
 
 def preprocess_bytes(data: bytes, config: PreprocessConfig, max_pixels: int | None = MAX_IMAGE_PIXELS) -> "np.ndarray":

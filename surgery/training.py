@@ -16,7 +16,10 @@ Stopping rules (:class:`Stopping`):
   :data:`DEFAULT_MAX_EPOCHS`).
 
 The monitored loss is the validation loss when there is validation data, else the
-training loss. :class:`TrainState` keeps the best epoch's weights (of the trained module,
+training loss. A model with several outputs is trained on the weighted sum of their
+losses (:mod:`surgery.objective`); each epoch's metrics then also hold every output's own
+``<vertex>_loss`` and ``<vertex>_accuracy`` (and ``val_<vertex>_...``), while ``loss`` is
+the sum and ``accuracy`` is the first output's. :class:`TrainState` keeps the best epoch's weights (of the trained module,
 so parameters and buffers such as BatchNorm statistics), which trainers return instead of
 the last epoch's (Keras's ``restore_best_weights=True``).
 """
@@ -33,7 +36,7 @@ from torch import nn
 
 from .finetune import FineTuneConfiguration
 from .layers import emit_logits
-from .objective import LossSpec, objective
+from .objective import LossSpec, loss_terms, output_targets
 
 __all__ = ["Stopping", "TrainState", "StepResult", "train_step", "score_batches", "run_epochs", "tensor_batches",
            "precision", "cpu_bf16", "DEFAULT_PATIENCE", "DEFAULT_MAX_EPOCHS"]
@@ -117,38 +120,78 @@ class TrainState:
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: float  # mean loss of the batch (without the L1/L2 penalty)
-    correct: int  # rows whose top class is the label (0 when the output is not a class score)
+    loss: float  # loss of the batch: the weighted sum over outputs (without the L1/L2 penalty)
+    correct: int  # rows whose top class is the label, at the first output (0 when it is not a class score)
     rows: int
+    losses: tuple[float, ...] = ()  # each output's own loss, in output order
+    corrects: tuple[int, ...] = ()  # each output's correct rows, in output order
 
 
-def _correct(out: Any, y: torch.Tensor) -> int:
-    first = out[0] if isinstance(out, tuple) else out
-    if first.dim() == 2 and y.dim() == 1:
-        return int((first.argmax(1) == y).sum())
+def _correct(out: torch.Tensor, y: torch.Tensor) -> int:
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and y.dim() == 1:
+        return int((out.argmax(1) == y).sum())
     return 0
 
 
-def train_step(model: nn.Module, inputs: Sequence[torch.Tensor], targets: torch.Tensor, optimizer: torch.optim.Optimizer,
+def _outputs(out: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _weighted(specs: Sequence[LossSpec], terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    total: Any = None
+    for spec, term in zip(specs, terms):
+        weighted = term if spec.weight == 1.0 else spec.weight * term
+        total = weighted if total is None else total + weighted
+    return total
+
+
+def _norm_statistics(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the running statistics a forward pass in training mode updates."""
+    return {f"{name}.{b}": t.clone() for name, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+            for b, t in m.named_buffers(recurse=False) if t is not None}
+
+
+def _restore_(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    buffers = dict(module.named_buffers())
+    with torch.no_grad():
+        for key, value in saved.items():
+            buffers[key].copy_(value)
+
+
+def train_step(model: nn.Module, inputs: Sequence[torch.Tensor], targets: Any, optimizer: torch.optim.Optimizer,
                config: FineTuneConfiguration, specs: Sequence[LossSpec], *, inner: nn.Module | None = None,
                autocast: Any = None, scaler: Any = None) -> StepResult:
     """One optimizer step: forward (``Output`` layers emit logits), the objective plus the
     fine-tune configuration's L1/L2 penalty, backward, gradient clipping, step.
 
+    Everything that can fail on the caller's input (the targets, the forward pass, the
+    losses) runs before the step: a call that raises leaves the parameters, the
+    optimizer state and BatchNorm statistics as they were.
+
     Args:
         model: what runs forward (a DDP wrapper on Ray Train workers).
         inputs: the model's positional inputs (features in boundary order, or pixels).
-        targets: class indices (or target values).
+        targets: one per output (a tuple in output order), or one tensor every output is
+            scored against; class indices or target values.
         inner: the unwrapped module for the penalty and clipping (default: ``model``).
         autocast: a context manager for mixed precision (``torch.autocast``), or None.
         scaler: a ``torch.amp.GradScaler`` for fp16, or None.
     """
     inner = inner if inner is not None else model
-    with autocast if autocast is not None else contextlib.nullcontext(), emit_logits(inner):
-        out = model(*inputs)
-        loss = objective(specs, out, targets)
-    penalty = config.penalty(inner)
-    total = loss.float() + penalty if penalty is not None else loss.float()
+    tgts = output_targets(specs, targets)
+    saved = _norm_statistics(inner)
+    try:
+        with autocast if autocast is not None else contextlib.nullcontext(), emit_logits(inner):
+            outs = _outputs(model(*inputs))
+            terms = loss_terms(specs, outs, tgts)
+        loss = _weighted(specs, terms)
+        penalty = config.penalty(inner)
+        total = loss.float() + penalty if penalty is not None else loss.float()
+        corrects = tuple(_correct(o, t) for o, t in zip(outs, tgts))
+    except BaseException:
+        _restore_(inner, saved)
+        raise
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(total).backward()
@@ -160,25 +203,52 @@ def train_step(model: nn.Module, inputs: Sequence[torch.Tensor], targets: torch.
         total.backward()
         config.clip_gradients_(inner)
         optimizer.step()
-    return StepResult(float(loss.detach()), _correct(out, targets), int(targets.shape[0]))
+    rows = int(tgts[0].shape[0])
+    return StepResult(float(loss.detach()), corrects[0], rows, tuple(float(t.detach()) for t in terms), corrects)
+
+
+def _score(model: nn.Module, batches: Iterable[Batch], specs: Sequence[LossSpec], autocast: Any = None) -> list[float]:
+    """``[loss sum, correct, rows]`` then ``[loss sum, correct]`` of each output, over
+    ``batches`` in eval mode, without gradients."""
+    was = model.training
+    model.eval()
+    sums = [0.0] * (3 + 2 * len(specs))
+    try:
+        with torch.no_grad(), autocast if autocast is not None else contextlib.nullcontext(), emit_logits(model):
+            for inputs, y in batches:
+                outs = _outputs(model(*inputs))
+                tgts = output_targets(specs, y)
+                terms = loss_terms(specs, outs, tgts)
+                n = int(tgts[0].shape[0])
+                corrects = [_correct(o, t) for o, t in zip(outs, tgts)]
+                sums[0] += float(_weighted(specs, terms)) * n
+                sums[1] += corrects[0]
+                sums[2] += n
+                for i, (term, ok) in enumerate(zip(terms, corrects)):
+                    sums[3 + 2 * i] += float(term) * n
+                    sums[4 + 2 * i] += ok
+    finally:
+        model.train(was)
+    return sums
 
 
 def score_batches(model: nn.Module, batches: Iterable[Batch], specs: Sequence[LossSpec], *,
                   autocast: Any = None) -> tuple[float, int, int]:
-    """(loss sum, correct, rows) of ``model`` over ``batches`` in eval mode, without gradients."""
-    was = model.training
-    model.eval()
-    loss_sum, correct, rows = 0.0, 0, 0
-    try:
-        with torch.no_grad(), autocast if autocast is not None else contextlib.nullcontext(), emit_logits(model):
-            for inputs, y in batches:
-                out = model(*inputs)
-                loss_sum += float(objective(specs, out, y)) * int(y.shape[0])
-                correct += _correct(out, y)
-                rows += int(y.shape[0])
-    finally:
-        model.train(was)
-    return loss_sum, correct, rows
+    """(loss sum, correct, rows) of ``model`` over ``batches`` in eval mode, without
+    gradients (the loss is the weighted sum over outputs, correct counts the first)."""
+    loss_sum, correct, rows = _score(model, batches, specs, autocast)[:3]
+    return loss_sum, int(correct), int(rows)
+
+
+def _per_output(specs: Sequence[LossSpec], sums: Sequence[float], rows: float, prefix: str = "") -> dict[str, float]:
+    """``<vertex>_loss`` and ``<vertex>_accuracy`` of each output, for models with several."""
+    if len(specs) < 2:
+        return {}
+    out = {}
+    for i, spec in enumerate(specs):
+        out[f"{prefix}{spec.vertex}_loss"] = sums[2 * i] / max(rows, 1)
+        out[f"{prefix}{spec.vertex}_accuracy"] = sums[2 * i + 1] / max(rows, 1)
+    return out
 
 
 def tensor_batches(inputs: Sequence[torch.Tensor], targets: torch.Tensor, batch_size: int, *, shuffle: bool = True,
@@ -284,22 +354,29 @@ def run_epochs(
         epoch = state.epoch
         started = time.perf_counter()
         model.train()
-        loss_sum, correct, rows = 0.0, 0, 0
+        sums = [0.0] * (3 + 2 * len(specs))  # loss sum, correct, rows, then each output's loss sum and correct
         for step, (inputs, y) in enumerate(train(epoch)):
             result = train_step(model, inputs, y, optimizer, config, specs, inner=inner, autocast=autocast, scaler=scaler)
-            loss_sum += result.loss * result.rows
-            correct += result.correct
-            rows += result.rows
+            sums[0] += result.loss * result.rows
+            sums[1] += result.correct
+            sums[2] += result.rows
+            for i, (term, ok) in enumerate(zip(result.losses, result.corrects)):
+                sums[3 + 2 * i] += term * result.rows
+                sums[4 + 2 * i] += ok
             if on_batch is not None:
                 on_batch(epoch, step, result)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        total_loss, total_correct, total_rows = reduce([loss_sum, float(correct), float(rows)])
+        total = reduce(sums)
+        total_loss, total_correct, total_rows = total[:3]
         metrics: dict[str, Any] = {"epoch": epoch, "loss": total_loss / max(total_rows, 1),
-                                   "accuracy": total_correct / max(total_rows, 1), "rows": int(total_rows), "lr": lr}
+                                   "accuracy": total_correct / max(total_rows, 1), "rows": int(total_rows), "lr": lr,
+                                   **_per_output(specs, total[3:], total_rows)}
         if validation is not None:
-            v_loss, v_ok, v_rows = reduce(list(map(float, score_batches(model, validation(), specs, autocast=autocast))))
-            metrics.update(val_loss=v_loss / max(v_rows, 1), val_accuracy=v_ok / max(v_rows, 1), val_rows=int(v_rows))
+            v = reduce(_score(model, validation(), specs, autocast))
+            v_loss, v_ok, v_rows = v[:3]
+            metrics.update(val_loss=v_loss / max(v_rows, 1), val_accuracy=v_ok / max(v_rows, 1), val_rows=int(v_rows),
+                           **_per_output(specs, v[3:], v_rows, "val_"))
         metrics["seconds"] = time.perf_counter() - started
         monitored = float(metrics.get("val_loss", metrics["loss"]))
         improved = monitored < state.best - stopping.min_delta

@@ -32,7 +32,8 @@ from .preprocess import PreprocessConfig
 from .recipe import ModelInfo, set_info_
 from .weights import WeightsError, load_into_, read_state_dict
 
-__all__ = ["register_model", "load", "skeleton", "list_models", "unknown_model", "ZooEntry", "imagenet_classes"]
+__all__ = ["register_model", "load", "skeleton", "list_models", "unknown_model", "ZooEntry", "imagenet_classes",
+           "timm_preprocessing"]
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,9 @@ def _entry(name: str) -> ZooEntry:
 def _register_timm(name: str) -> None:
     """``timm/<architecture>``: any timm architecture, built without weights (timm's own
     weights come from the Hugging Face hub, which freezeray does not reach at run time;
-    give a weights file instead), with its pretrained config's preprocessing."""
+    give a weights file instead), with the preprocessing timm's own data config gives
+    (``timm.data.resolve_data_config``: input size, interpolation, mean/std, crop_pct and
+    crop_mode)."""
     import timm
 
     arch = name.removeprefix("timm/")
@@ -189,11 +192,7 @@ def _register_timm(name: str) -> None:
         raise ValueError(f"unknown timm architecture {arch!r}. " + (f"Closest: {', '.join(close)}. " if close else "")
                          + "Hint: timm.list_models() lists every name.")
     cfg = timm.models.get_pretrained_cfg(arch)
-    pre = PreprocessConfig()
-    if cfg is not None:
-        interp = cfg.interpolation if cfg.interpolation in ("nearest", "bilinear", "bicubic", "lanczos") else "bilinear"
-        pre = PreprocessConfig(input_size=cast(Any, tuple(cfg.input_size)), crop_pct=float(cfg.crop_pct or 0.875),
-                               interpolation=cast(Any, interp), mean=tuple(cfg.mean), std=tuple(cfg.std))
+    pre = timm_preprocessing(cfg.to_dict()) if cfg is not None else PreprocessConfig()
 
     def build(**kwargs: Any) -> nn.Module:
         return timm.create_model(arch, pretrained=False, **{"drop_rate": 0.0, **kwargs})
@@ -203,6 +202,23 @@ def _register_timm(name: str) -> None:
                            "not do at run time; pass weights=<a local or object-storage safetensors/torch file>")
 
     _registrar(name, pre, named, None, None)(build)
+
+
+def timm_preprocessing(pretrained_cfg: dict[str, Any]) -> PreprocessConfig:
+    """The eval preprocessing of a timm pretrained config, as ``timm.data.resolve_data_config``
+    resolves it (an interpolation freezeray does not know, such as ``random``, becomes
+    ``bilinear``, with a warning in the log)."""
+    from timm.data import resolve_data_config
+
+    data = resolve_data_config({}, pretrained_cfg=pretrained_cfg)
+    interp = data.get("interpolation", "bilinear")
+    if interp not in ("nearest", "bilinear", "bicubic", "lanczos"):
+        log.warning("timm interpolation %r is not one freezeray decodes with; using bilinear", interp)
+        interp = "bilinear"
+    crop_mode = data.get("crop_mode") or "center"
+    return PreprocessConfig(input_size=cast(Any, tuple(data["input_size"])), crop_pct=float(data.get("crop_pct") or 0.875),
+                            interpolation=cast(Any, interp), mean=tuple(data["mean"]), std=tuple(data["std"]),
+                            crop_mode=cast(Any, crop_mode))
 
 
 def _load(

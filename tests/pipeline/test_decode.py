@@ -56,6 +56,27 @@ def test_the_tensor_path_matches_pil_within_the_tolerance(device):
     assert sum(1 for e in errors if e) == 3
 
 
+@pytest.mark.parametrize("crop_mode", ["squash", "border"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
+def test_every_crop_mode_takes_the_same_geometry_on_both_paths(device, crop_mode):
+    """Issue 21, defect 7: timm's squash and border crop modes on the GPU (tensor) path,
+    against the PIL path (which matches timm's own transform, tests/surgery/test_zoo.py)."""
+    config = PreprocessConfig(input_size=(3, 96, 96), crop_pct=0.9, interpolation="bicubic", crop_mode=crop_mode,
+                              mean=(0.5, 0.25, 0.75), std=(0.5, 0.5, 0.5))
+    files = {k: v for k, v in _photos().items() if k in ("wide.jpg", "tall.jpg", "small.jpg", "square.jpg", "gray.jpg")}
+    names = list(files)
+    pixels, errors = decode_batch([files[n] for n in names], [""] * len(names), config, torch.device(device))
+    assert errors == [""] * len(names)
+    for i, name in enumerate(names):
+        reference = preprocess_bytes(files[name], config)
+        mean, p99 = mean_difference(pixels[i].cpu().numpy(), reference)
+        assert mean <= PIXEL_TOLERANCE["mean"] and p99 <= PIXEL_TOLERANCE["p99"], (name, mean, p99)
+        if crop_mode == "border" and name in ("wide.jpg", "tall.jpg"):  # the padding is the mean colour, on both paths
+            corner = (0, 48) if name == "wide.jpg" else (48, 0)
+            assert pixels[i, corner[0], corner[1]].tolist() == reference[corner].tolist() == [128, 64, 191]
+
+
 def test_decompression_bombs_and_unread_files_are_error_rows_before_decoding():
     config = PreprocessConfig(input_size=(3, 32, 32))
     big = io.BytesIO()

@@ -237,3 +237,27 @@ def test_weight_init_schemes_are_deterministic_with_a_seed(tiny_name):
     a, b = build(), build()
     assert torch.equal(a.head.linear.weight, b.head.linear.weight)
     assert abs(a.head.linear.weight.std().item() - 0.5) < 0.05
+
+
+def test_repeated_removals_and_conflicting_edits(tiny_name):
+    """Issue 21: a removal called twice is one removal (DL4J's tests do it); on a chain, each
+    remove_output_layer() removes one more layer, as DL4J counts; edits that truly conflict
+    fail naming both."""
+    base = surgery.zoo.load(tiny_name)
+    once = TransferLearning(base).remove_vertex_and_connections("fc2").add_layer("out", Output(3), "fc1").set_outputs("out")
+    twice = (TransferLearning(base).remove_vertex_and_connections("fc2").remove_vertex_and_connections("fc2")
+             .add_layer("out", Output(3), "fc1").set_outputs("out"))
+    assert once.ops == twice.ops and surgery.vertex_names(once.build()) == surgery.vertex_names(twice.build())
+    chain = surgery.from_module(nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.ReLU(), nn.Linear(8, 6), nn.Linear(6, 4)),
+                                preprocessing={"input_size": (3, 4, 4), "crop_pct": 1.0})
+    two_off = TransferLearning(chain).remove_output_layer().remove_output_layer().add_layer(Output(3)).build()
+    assert surgery.vertex_names(two_off) == ["input_1", "0", "1", "2", "3"] and two_off.get_submodule("3").n_in == 8
+    with pytest.raises(ValueError, match=r"n_out_replace\('fc1'\) was already called on this builder: "
+                                         r"n_out_replace\('fc1', 5\) and n_out_replace\('fc1', 6\) conflict"):
+        TransferLearning(base).n_out_replace("fc1", 5).n_out_replace("fc1", 6)
+    with pytest.raises(surgery.VertexError, match=r"n_out_replace\('fc2', 4\) names vertex 'fc2', which "
+                                                  r"remove_vertex_and_connections\('fc1'\) removes \(it is computed from 'fc1'\)"):
+        TransferLearning(base).remove_vertex_and_connections("fc1").n_out_replace("fc2", 4).build()
+    with pytest.raises(surgery.VertexError, match=r"vertex 'fc2' is removed twice: remove_vertex_keep_connections\('fc2'\) "
+                                                  r"and remove_vertex_and_connections\('fc2'\) conflict"):
+        TransferLearning(base).remove_vertex_keep_connections("fc2").remove_vertex_and_connections("fc2").build()

@@ -153,3 +153,27 @@ def test_torch_file_with_state_dict_wrapper_loads(tmp_path):
     (tmp_path / "ckpt.pth").write_bytes(buf.getvalue())
     model = surgery.zoo.load("resnet18", weights=str(tmp_path / "ckpt.pth"))
     assert torch.equal(model.state_dict()["fc.weight"], source.state_dict()["fc.weight"])
+
+
+@pytest.mark.parametrize("arch,mode", [("dm_nfnet_f0", "squash"), ("deepseek_vit_412m", "border"), ("resnet18", "center")])
+def test_timm_architectures_preprocess_as_timm_does(arch, mode):
+    """Issue 21, defect 7: ``timm/<arch>`` takes timm's data config, crop mode included, and
+    an image preprocessed by freezeray equals timm's own eval transform of it."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from surgery.preprocess import preprocess_bytes
+
+    config = surgery.get_info(surgery.zoo.skeleton(f"timm/{arch}")).preprocessing
+    timm_config = resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(arch).to_dict())
+    assert config.crop_mode == mode == timm_config["crop_mode"]
+    assert (config.input_size, config.crop_pct, config.interpolation) == \
+        (tuple(timm_config["input_size"]), timm_config["crop_pct"], timm_config["interpolation"])
+    transform = create_transform(**timm_config)
+    rng = np.random.default_rng(0)
+    for shape in ((300, 451), (451, 300)):  # landscape and portrait: squash distorts, border pads left-right or top-bottom
+        image = Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8))
+        data = io.BytesIO()
+        image.save(data, format="PNG")
+        ours = normalize(torch.from_numpy(preprocess_bytes(data.getvalue(), config))[None], config)[0]
+        torch.testing.assert_close(ours, transform(image), rtol=0, atol=1e-6)
