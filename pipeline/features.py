@@ -12,7 +12,7 @@ import torch
 from surgery import storage
 
 from .commit import latest
-from .manifest import FEATURES_FORMAT, FeaturesManifest, Shard
+from .manifest import FEATURES_FORMAT, FeaturesManifest, Shard, probe_problem, probe_sample
 from .readers import row_side
 from .shards import ERROR_SCHEMA, MANIFEST, read_table
 
@@ -134,6 +134,19 @@ class FeatureSet:
                 f"(boundary {', '.join(self.boundary)}), but this model's frozen part has fingerprint {ours} "
                 f"(boundary {', '.join(split(model).boundary)}); featurize the images with this model"
             )
+        if self.manifest.probe is not None:  # the same graph and weights: does it still compute the same numbers?
+            import warnings
+
+            from surgery.fingerprint import probe
+            from surgery.graph import example_input
+
+            size = tuple(self.manifest.preprocessing.get("input_size") or ())
+            values = probe(split(model).frozen, example_input(size, batch=1), part="model") if size else ()
+            problem = probe_problem(probe_sample(values), self.manifest.probe) if size else ""
+            if problem:
+                warnings.warn(f"the features at {self.uri!r} were made by this frozen graph, but it now computes other "
+                              f"values ({problem}): a library upgrade changed its numbers; the head is trained on "
+                              "features it would not compute now", stacklevel=2)
 
     # -- reading ------------------------------------------------------------------------
     def to_dataset(self) -> Any:

@@ -40,12 +40,14 @@ import torch
 import torch.fx as fx
 
 import surgery
+from surgery.fingerprint import probe as frozen_probe
 from surgery.freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes
+from surgery.graph import example_input
 from surgery.helper import split
 from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, model_preprocessing, normalize
 
 from .features import FeatureSet
-from .manifest import FEATURES_FORMAT, FeaturesManifest, SourceInfo
+from .manifest import FEATURES_FORMAT, FeaturesManifest, SourceInfo, probe_sample
 from .output import OutputJob, Progress, Written, classes_of, write_output
 from .readers import ReadSpec, decode_memory, readable, rows_dataset
 from .resources import Resources
@@ -333,8 +335,9 @@ def featurize(
     shapes = _feature_shapes(parts.frozen, config)
     model_fp = surgery.frozen_fingerprint(feat_model)
     row_bytes = sum(math.prod(s) for s in shapes) * np.dtype(dtype).itemsize
+    probe = probe_sample(frozen_probe(parts.frozen, example_input(config.input_size, batch=1), part="model"))
     job = OutputJob(output, storage_options, _fingerprint(model_fp, parts.boundary, config, dtype), "features",
-                    overwrite, lease_timeout, shard_rows or int(min(8192, max(64, shard_bytes // max(1, row_bytes)))))
+                    overwrite, lease_timeout, shard_rows or int(min(8192, max(64, shard_bytes // max(1, row_bytes)))), probe)
     settings = {"config": config, "dtype": dtype, "shapes": shapes, "batch_size": batch_size, "decode": decode,
                 "resources": resources, "decode_batch_size": decode_batch_size, "autocast": autocast,
                 "max_pixels": max_image_pixels}
@@ -394,6 +397,7 @@ def _manifest(w: Written, job: OutputJob, src: ImageSource, model_fp: str, model
         rows=rows, errors=errors, shards=w.entries, stride=w.plan.stride,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=round(w.seconds, 3),
         images_per_s=round(images_per_s, 2) if images_per_s else None, computed=w.computed, dropped=len(w.plan.dropped),
+        probe=job.probe,
     )
     if w.computed:
         log.info("featurized %d images in %d shards in %.1fs: %.1f images/s -> %s", w.rows, w.computed, w.seconds,

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from surgery.schema import Schema
 
-__all__ = ["ShardPlan", "InputRef", "Part", "Shard", "SourceInfo", "FeaturesManifest", "PredictionsManifest",
+__all__ = ["probe_sample", "probe_problem", "ShardPlan", "InputRef", "Part", "Shard", "SourceInfo", "FeaturesManifest", "PredictionsManifest",
            "FEATURES_FORMAT", "PREDICTIONS_FORMAT", "ERRORS", "parse_manifest"]
 
 FEATURES_FORMAT = "freezeray.features/3"
@@ -98,6 +98,9 @@ class _Committed(Schema):
     seconds: float | None = None  # wall time of the run that committed it
     images_per_s: float | None = None
     computed: int = 0  # shards this version's run computed (the others were kept from the version before)
+    # what the computation gives on a fixed seeded input (a seeded sample of its values): a library upgrade that
+    # keeps the fingerprint but changes the numbers is caught by it (pipeline.probe)
+    probe: list[float] | None = None
     dropped: int = 0  # shards of the version before that this one no longer holds (their input is gone)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,6 +160,28 @@ def _upgrade(data: dict[str, Any], current: str) -> dict[str, Any]:
     plan = data.get("plan") or {}
     return {**data, "format": current, "errors_file": data.get("errors_file") or ERRORS,
             "stride": int(plan.get("rows_per_shard") or 0), "version": 1}
+
+
+def probe_sample(values: Any, size: int = 256) -> list[float]:
+    """A seeded sample of ``size`` of a probe's values (tensors or arrays, concatenated)."""
+    import numpy as np
+
+    flat = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in values]) if len(values) else np.zeros(0)
+    if len(flat) > size:
+        flat = flat[np.sort(np.random.default_rng(0).choice(len(flat), size, replace=False))]
+    return [float(v) for v in flat]
+
+
+def probe_problem(ours: list[float], theirs: list[float] | None, rtol: float = 1e-3, atol: float = 1e-5) -> str:
+    """"" when two probe samples agree within ``max|a - b| <= atol + rtol * max|b|``, else
+    what differs (the same tolerance as :data:`surgery.fingerprint.PROBE_TOLERANCE`)."""
+    if theirs is None:
+        return ""
+    if len(ours) != len(theirs):
+        return f"its probe has {len(ours)} values where the committed one has {len(theirs)}"
+    diff = max((abs(a - b) for a, b in zip(ours, theirs)), default=0.0)
+    allowed = atol + rtol * max((abs(b) for b in theirs), default=0.0)
+    return "" if diff <= allowed else f"the largest difference on the probe input is {diff:.3g} (allowed {allowed:.3g})"
 
 
 def parse_manifest(data: dict[str, Any]) -> FeaturesManifest | PredictionsManifest:

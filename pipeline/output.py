@@ -23,7 +23,7 @@ from surgery import storage
 
 from .commit import clean, commit_version, done_shards, latest, rewrite, seal
 from .lease import OutputLease
-from .manifest import Shard, parse_manifest
+from .manifest import Shard, parse_manifest, probe_problem
 from .plan import Plan, PlannedShard, plan_output
 from .shards import ATTEMPT, INPUTS, Tracker, read_json, write_json, write_table
 from .sources import ImageSource
@@ -47,6 +47,7 @@ class OutputJob:
     overwrite: bool = False  # replace an output of another fingerprint
     lease_timeout: float = 300.0
     shard_rows: int = 4096  # loose files per shard
+    probe: list[float] | None = None  # a sample of what the computation gives on a fixed input (manifest.probe_sample)
 
 
 @dataclass
@@ -80,6 +81,13 @@ def committed_manifest(job: OutputJob) -> tuple[dict[str, Any] | None, Any]:
             f"{job.output!r} already holds {kind} with fingerprint {manifest.fingerprint}, "
             f"but this run's fingerprint is {job.fingerprint} (another model, preprocessing or dtype); "
             "pass overwrite=True to replace them, or choose another output"
+        )
+    problem = probe_problem(job.probe, manifest.probe) if job.probe is not None and kind == job.what else ""
+    if problem and not job.overwrite:
+        raise FileExistsError(
+            f"{job.output!r} holds {kind} of the same model and settings (fingerprint {job.fingerprint}), but the model "
+            f"now computes other values ({problem}: a library upgrade changed its numbers); adding to them would mix "
+            "the two. Pass overwrite=True to compute them all again, or choose another output"
         )
     return data, manifest
 

@@ -253,3 +253,24 @@ def test_predict_and_evaluate_read_tar_shards(tmp_path, items, model):
     assert predict(head, str(root), str(tmp_path / "p"), resources=ONE).reused
     ev = evaluate(head, str(root), resources=ONE)
     assert ev.rows == 24 and ev.errors == 0 and sum(map(sum, ev.confusion)) == 24
+
+
+def test_a_changed_computation_under_the_same_fingerprint_is_not_mixed_in(tmp_path, model, monkeypatch):
+    import torch
+
+    items = images(per_class=4, bad=False)
+    root = tmp_path / "wds"
+    root.mkdir()
+    parts = chunks(items, 6)
+    (root / "00000.tar").write_bytes(tar_bytes(parts[0]))
+    fset = featurize(model, str(root), str(tmp_path / "f"), resources=ONE)
+    conv = torch.nn.Conv2d.forward
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x: conv(self, x) * 1.01)  # a "library upgrade"
+    assert surgery.frozen_fingerprint(model) == fset.model_fingerprint  # the same names and weights...
+    (root / "00001.tar").write_bytes(tar_bytes(parts[1]))
+    with pytest.raises(FileExistsError, match="now computes other values .*largest difference"):
+        featurize(model, str(root), str(tmp_path / "f"), resources=ONE)  # ...would mix two computations
+    with pytest.warns(UserWarning, match="now computes other values"):
+        fset.check(model)
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", conv)
+    assert featurize(model, str(root), str(tmp_path / "f"), resources=ONE).version == 2
