@@ -11,10 +11,11 @@ import contextlib
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.fx as fx
 
@@ -108,18 +109,33 @@ class EvalResult:
     accuracy: float  # share of rows whose top class is the label
     loss: float  # mean loss of the output layer
     rows: int  # rows scored
-    errors: int  # inputs that could not be read (images only)
+    errors: int  # inputs that could not be read: error rows of the images, or of the feature set's images
     classes: tuple[str, ...]  # class names by label
     confusion: list[list[int]]  # confusion[true][predicted]
     per_class: list[dict[str, Any]]  # class, precision, recall, f1, support
     macro_f1: float  # unweighted mean F1 over classes with support
     seconds: float = 0.0  # wall time
     source: str = ""  # what was evaluated
+    error_examples: list[dict[str, str]] = field(default_factory=list)  # the first few error rows: path, reason
+    errors_uri: str | None = None  # the table of every error row (a feature set's errors.parquet); None: in memory
+    _error_rows: list[tuple[str, str]] = field(default_factory=list, repr=False)  # images: (path, reason) of each
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("_error_rows")
         d["classes"] = list(self.classes)
         return d
+
+    def errors_table(self, storage_options: dict[str, Any] | None = None) -> pa.Table:
+        """(path, reason) of every input that could not be read."""
+        if self.errors_uri is not None:
+            import io
+
+            import pyarrow.parquet as pq
+
+            return pq.read_table(io.BytesIO(storage.read_bytes(self.errors_uri, storage_options)), columns=["path", "reason"])
+        return pa.table({"path": pa.array([p for p, _ in self._error_rows], pa.string()),
+                         "reason": pa.array([r for _, r in self._error_rows], pa.string())})
 
     def table(self) -> str:
         """The per-class table as text."""
@@ -153,6 +169,20 @@ def _metrics(confusion: np.ndarray, loss_sum: float, loss_rows: int, errors: int
         confusion=confusion.astype(int).tolist(), per_class=per_class,
         macro_f1=float(np.mean(f1s)) if f1s else 0.0, seconds=seconds, source=source,
     )
+
+
+def _count_errors(result: EvalResult, data: Any, storage_options: dict | None, rows: list[tuple[str, str]]) -> None:
+    """The error rows of what was evaluated, on ``result``: on a feature set, those of
+    the images it was made from (its rows are the readable ones); on images, ``rows``."""
+    if _is_feature_set(data, storage_options):
+        fset = data if isinstance(data, FeatureSet) else FeatureSet.open(str(data), storage_options)
+        table = fset.errors_table() if fset.errors else None
+        rows = list(zip(table.column("path").to_pylist(), table.column("reason").to_pylist())) if table is not None else []
+        result.errors += fset.errors
+        result.errors_uri = storage.join(fset.uri, getattr(fset.manifest, "errors_file", "errors.parquet"))
+    else:
+        result._error_rows = rows
+    result.error_examples = [{"path": p, "reason": r} for p, r in rows[:5]]
 
 
 def _is_feature_set(data: Any, storage_options: dict | None) -> bool:
@@ -269,9 +299,12 @@ def evaluate(
     k = max(len(names), spec.n_out or 0)
     confusion = np.zeros((k, k), dtype=np.int64)
     loss_sum, loss_rows, errors, unlabeled = 0.0, 0, 0, 0
+    error_rows: list[tuple[str, str]] = []
     for batch in batches:
         bad = ~readable(batch["error"])
         errors += int(bad.sum())
+        if bad.any() and "path" in batch:
+            error_rows += zip(map(str, np.asarray(batch["path"])[bad]), map(str, np.asarray(batch["error"])[bad]))
         labels = np.asarray(batch["label"])[~bad]
         predicted = np.asarray(batch["predicted"])[~bad]
         unlabeled += int((labels < 0).sum())
@@ -284,6 +317,7 @@ def evaluate(
         raise ValueError(f"{unlabeled} rows of {what} have no label; evaluate needs labelled data (use predict)")
     result = _metrics(confusion, loss_sum, loss_rows, errors, list(names) + [str(i) for i in range(len(names), k)],
                       time.perf_counter() - started, what)
+    _count_errors(result, data, storage_options, error_rows)
     log.info("evaluated %s: accuracy %.4f, loss %.4f over %d rows (%d errors)", what, result.accuracy, result.loss,
              result.rows, result.errors)
     return result

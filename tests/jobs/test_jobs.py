@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from imagesets import write_image_folder
+from imagesets import bad_files, write_image_folder
 from services import die_with_parent, free_port
 
 from jobs.cli import EXIT_CODES, STEPS, classify, main
@@ -302,6 +302,100 @@ def test_init_writes_a_config_that_runs_with_a_held_out_split(ray_session, tmp_p
         shutil.rmtree(one / cls)
     assert main(["init", str(one), "--output", str(tmp_path / "one.yaml")]) == 2
     assert "a classifier needs at least two" in capsys.readouterr().err
+
+
+def test_init_refuses_to_replace_an_edited_config_without_force(tmp_path, capsys, tiny_name):
+    images = _images(tmp_path / "photos", per_class=4, size=16)
+    config = tmp_path / "run.yaml"
+    assert main(["init", str(images), "--output", str(config), "--model", tiny_name]) == 0
+    written = config.read_text()
+    assert main(["init", str(images), "--output", str(config), "--model", tiny_name]) == 0  # unedited: replaced
+    assert config.read_text() == written
+    capsys.readouterr()
+
+    edited = written.replace("fine_tune: {seed: 0}", "fine_tune: {seed: 0, updater: sgd, lr: 0.1}")
+    config.write_text(edited)
+    assert main(["init", str(images), "--output", str(config), "--model", tiny_name]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {config} was edited since `freezeray init` wrote it; pass --force to replace it, or "
+                   "--output to write another config (your edits would be lost)\n")
+    assert config.read_text() == edited  # refused: nothing changed
+    assert main(["run", "--images", str(images), "--output", str(config), "--model", tiny_name]) == 2
+    assert f"run it as it is with `freezeray run {config}`, or pass --force" in capsys.readouterr().err
+    assert main(["init", str(images), "--output", str(config), "--model", tiny_name, "--force"]) == 0
+    assert config.read_text() == written
+
+    own = tmp_path / "mine.yaml"
+    own.write_text("name: mine\n")
+    assert main(["init", str(images), "--output", str(own), "--model", tiny_name]) == 2
+    assert "was not written by `freezeray init`; pass --force" in capsys.readouterr().err
+    assert own.read_text() == "name: mine\n"
+    assert main(["init", str(images), "--output", str(images / "inside.yaml"), "--model", tiny_name]) == 2
+    assert "would be inside the image folder" in capsys.readouterr().err and not (images / "inside.yaml").exists()
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def test_init_decodes_its_sample_in_full_and_works_on_a_read_only_folder(tmp_path):
+    images = _images(tmp_path / "photos", per_class=5, size=16)
+    for rel, data in bad_files().items():  # a truncated JPEG, an empty file, text named .jpg
+        (images / rel).write_bytes(data)
+    before = _tree(images)
+    for path in [images, *images.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    # root writes anywhere: drop its override of file permissions (CAP_DAC_OVERRIDE) for the command
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a folder read-only for this process")
+        prefix = ["setpriv", "--bounding-set=-dac_override"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    script = "import sys; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
+    try:
+        probe = subprocess.run([*prefix, sys.executable, "-c", f"open({str(images / 'probe')!r}, 'w')"],
+                               capture_output=True, text=True)
+        assert probe.returncode != 0  # the folder is read-only for the command
+        out = tmp_path / "elsewhere"
+        proc = subprocess.run([*prefix, sys.executable, "-c", script, "init", str(images), "--output",
+                               str(out / "run.yaml")], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "3 unreadable files of 18 checked" in proc.stdout  # the truncated JPEG too: decoded in full
+        assert "truncated.jpg: cannot decode image" in proc.stdout and "empty.jpg: empty file" in proc.stdout
+        assert f"written as freezeray-train.csv and freezeray-test.csv in {out / 'run-out' / 'splits'}" in proc.stdout
+        assert _tree(images) == before  # nothing written into the image folder
+        # splits asked for inside the read-only folder: one line, exit 3 (data or storage), not 1 (a bug)
+        proc = subprocess.run([*prefix, sys.executable, "-c", script, "init", str(images), "--output",
+                               str(out / "two.yaml"), "--splits", str(images)], capture_output=True, text=True, env=env)
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stderr.startswith(f"error: cannot write the split manifests to {images}") and \
+            "give --splits DIR" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    finally:
+        for path in [images, *images.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    cfg = load_config(str(out / "run.yaml"))
+    assert cfg.data.allow_outside and cfg.data.test == str(out / "run-out" / "splits" / "freezeray-test.csv")
+    assert (out / "run-out" / ".freezeray-output").read_bytes() == b""
+    assert main(["check", str(out / "run.yaml")]) == 0  # the manifests outside the image folder are read
+    listed = (out / "run-out" / "splits" / "freezeray-test.csv").read_text().splitlines()
+    assert listed[0] == "path,label" and all(line.startswith(str(images) + "/") for line in listed[1:])
+
+
+def test_debug_verbose_and_version_work_before_the_command(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {base: resnet18}\ntraining: {epochs: -1}\n")
+    for argv in (["--debug", "check", str(bad)], ["check", str(bad), "--debug"], ["--verbose", "--debug", "check", str(bad)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "training.epochs: input should be greater than 0" in err, argv
+    assert main(["check", str(bad)]) == 2 and "Traceback" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    from importlib.metadata import version
+
+    assert capsys.readouterr().out == f"freezeray {version('freezeray')}\n"
 
 
 @pytest.mark.parametrize("command", [*STEPS, "check", "init", "summary", "demo"])
