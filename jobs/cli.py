@@ -157,13 +157,9 @@ def _load(path: str, base_dir: str = "") -> Any:
 
 
 def _connect(args: argparse.Namespace) -> None:
-    from pipeline.runtime import set_verbose
-
     from . import steps
 
-    if getattr(args, "verbose", False):
-        set_verbose(True)
-    steps.connect()  # quiet unless --verbose or FREEZERAY_VERBOSE=1
+    steps.connect()  # quiet unless --verbose (main sets it for the command) or FREEZERAY_VERBOSE=1
 
 
 def _step(name: str, args: argparse.Namespace) -> int:
@@ -385,7 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         elif getattr(args, "output", None) or getattr(args, "force", False):
             print("error: --output and --force go with --images (a CONFIG is run as it is)", file=sys.stderr)
             return 2
-    _setup_logging(getattr(args, "verbose", False))
+    verbose = getattr(args, "verbose", False)
+    _setup_logging(verbose)
+    if verbose:  # for this command; the library's own setting afterwards
+        from pipeline.runtime import set_verbose
+
+        set_verbose(True)
     try:
         return args.fn(args)
     except KeyboardInterrupt:
@@ -405,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in failure.details:
             print(f"  {line}", file=sys.stderr)
         return failure.code
+    finally:
+        if verbose:
+            from pipeline.runtime import set_verbose
+
+            set_verbose(None)
 
 
 def _init_and_run(args: argparse.Namespace) -> int:

@@ -226,10 +226,18 @@ def features_definition(fset: Any) -> dict[str, Any]:
 
 
 def images_definition(src: Any) -> dict[str, Any]:
-    """An image source's part of a run's definition: its URI, rows, classes and listing."""
+    """An image source's part of a run's definition: its URI, rows, classes and listing
+    (and the held-out part it is, given as ``(source, split)``)."""
+    split = None
+    if isinstance(src, tuple):
+        src, split = src
+    rows = getattr(src, "rows", None)
     listing = getattr(src, "listing_hash", None)
-    return {"uri": src.uri, "rows": len(src), "classes": list(src.classes),
-            "listing": listing() if callable(listing) else None}
+    out = {"uri": src.uri, "rows": len(src) if rows is None else int(rows), "classes": list(src.classes),
+           "listing": listing() if callable(listing) else listing}
+    if split is not None:
+        out["split"] = describe(split)
+    return out
 
 
 def describe(value: Any) -> Any:
@@ -272,6 +280,6 @@ def data_definition(data: Any) -> Any:
         return data if data is None else {"fraction": float(data)}
     if hasattr(data, "shard_uris"):
         return features_definition(data)
-    if hasattr(data, "classes"):
+    if hasattr(data, "classes") or isinstance(data, tuple):
         return images_definition(data)
     return {"uri": str(data)}

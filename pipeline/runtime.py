@@ -36,19 +36,20 @@ _BACKEND_LOG_LEVEL = "RAY_BACKEND_LOG_LEVEL"  # read by Ray's C++ logger when a 
 _verbose: bool | None = None  # set_verbose's choice; None: the environment's
 
 
-def set_verbose(on: bool = True) -> None:
-    """Show Ray's own output (``on``) or keep it quiet (the default), for this process;
-    the same as ``FREEZERAY_VERBOSE=1`` (which it overrides). Takes effect for Ray's
-    Python logging and progress bars at once; for the C++ core's lines and the workers'
-    forwarded output, when freezeray next starts or joins Ray.
+def set_verbose(on: bool | None = True) -> None:
+    """Show Ray's own output (``on``) or keep it quiet (``False``, the default), for this
+    process; the same as ``FREEZERAY_VERBOSE=1``, which it overrides (``None``: follow the
+    variable again). Takes effect for Ray's Python logging and progress bars at once; for
+    the C++ core's lines and the workers' forwarded output, when freezeray next starts or
+    joins Ray.
 
     Example:
         >>> pipeline.set_verbose()          # Ray's logs and progress bars, as Ray prints them
     """
     global _verbose
-    _verbose = bool(on)
+    _verbose = None if on is None else bool(on)
     if ray.is_initialized():
-        quiet_ray(_verbose)
+        quiet_ray(is_verbose())
 
 
 def is_verbose() -> bool:
@@ -89,21 +90,19 @@ def quiet_ray(verbose: bool) -> None:
         for attr, value in _LOUD.pop("context", {}).items():
             setattr(ctx, attr, value)
         return
-    if "levels" in _LOUD:
-        return  # quiet already
-    _LOUD["levels"] = {}
-    for name in ("ray", "ray.train", "ray.tune", "ray.air"):
-        logger = logging.getLogger(name)
-        _LOUD["levels"][name] = logger.level
-        logger.setLevel(logging.WARNING)
-    _LOUD["handlers"] = [(h, h.level) for h in handlers]
+    first = "levels" not in _LOUD  # what Ray had is saved once, before the first change
+    if first:
+        _LOUD["levels"] = {name: logging.getLogger(name).level for name in ("ray", "ray.train", "ray.tune", "ray.air")}
+        _LOUD["handlers"] = [(h, h.level) for h in handlers]
+        _LOUD["context"] = {"enable_progress_bars": ctx.enable_progress_bars,
+                            "print_on_execution_start": ctx.print_on_execution_start}
+    for name in _LOUD["levels"]:
+        logging.getLogger(name).setLevel(logging.WARNING)
     for handler in handlers:  # Ray Data logs to a file and the console
         handler.setLevel(logging.WARNING)
     for handler in handlers + logging.getLogger("ray").handlers:
         if not any(isinstance(f, _DropNotices) for f in handler.filters):
             handler.addFilter(_DropNotices())
-    _LOUD["context"] = {"enable_progress_bars": ctx.enable_progress_bars,
-                        "print_on_execution_start": ctx.print_on_execution_start}
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
 
@@ -149,15 +148,16 @@ def _backend_log_level(level: str | None) -> Iterator[None]:
 
 def ensure_ray(log_to_driver: bool | None = None) -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` or start a local Ray (without the
-    dashboard), unless connected, quietly unless :func:`is_verbose` (see the module
-    docstring). ``log_to_driver``: show the workers' output and Ray's own logs here
-    (None: :func:`is_verbose`). A Ray the caller started is left as it is."""
+    dashboard), unless connected; quietly unless ``log_to_driver`` (None:
+    :func:`is_verbose`), as the module docstring says. The Python side (Ray's loggers,
+    Ray Data's progress bars) is quieted on a Ray the caller started too; the C++ lines
+    and the workers' forwarded output follow how that Ray was started."""
+    loud = is_verbose() if log_to_driver is None else bool(log_to_driver)
+    quiet_ray(loud)
     if ray.is_initialized():
         return
-    loud = is_verbose() if log_to_driver is None else bool(log_to_driver)
     address = os.environ.get("RAY_ADDRESS")
     log.info("connecting to Ray at %s", address or "a new local instance")
-    quiet_ray(loud)
     with _backend_log_level(None if loud else "fatal"):
         ray.init(address=address, ignore_reinit_error=True, include_dashboard=False if not address else None,
                  log_to_driver=loud, logging_level=logging.INFO if loud else logging.WARNING)
