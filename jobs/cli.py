@@ -402,9 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unexpected {type(exc).__name__}: {_first_line(exc)}"
                   + ("" if debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
             return 1
-        print(f"error: {failure.message}", file=sys.stderr)
+        print(f"error: {cli_terms(failure.message)}", file=sys.stderr)
         for line in failure.details:
-            print(f"  {line}", file=sys.stderr)
+            print(f"  {cli_terms(line)}", file=sys.stderr)
         return failure.code
     finally:
         if verbose:

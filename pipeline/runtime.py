@@ -147,7 +147,7 @@ def _backend_log_level(level: str | None) -> Iterator[None]:
 
 
 def ensure_ray(log_to_driver: bool | None = None) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` or start a local Ray (without the
+    """Connect to the cluster in ``RAY_ADDRESS`` or start a new local Ray (without the
     dashboard), unless connected; quietly unless ``log_to_driver`` (None:
     :func:`is_verbose`), as the module docstring says. The Python side (Ray's loggers,
     Ray Data's progress bars) is quieted on a Ray the caller started too; the C++ lines
@@ -159,7 +159,9 @@ def ensure_ray(log_to_driver: bool | None = None) -> None:
     address = os.environ.get("RAY_ADDRESS")
     log.info("connecting to Ray at %s", address or "a new local instance")
     with _backend_log_level(None if loud else "fatal"):
-        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False if not address else None,
+        # "local": a new instance, as documented; Ray's own default (None) would join whatever
+        # cluster /tmp/ray/ray_current_cluster names, even one that is gone (minutes of retries)
+        ray.init(address=address or "local", ignore_reinit_error=True, include_dashboard=False if not address else None,
                  log_to_driver=loud, logging_level=logging.INFO if loud else logging.WARNING)
 
 

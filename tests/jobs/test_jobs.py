@@ -484,6 +484,22 @@ def test_init_decodes_its_sample_in_full_and_works_on_a_read_only_folder(tmp_pat
     assert listed[0] == "path,label" and all(line.startswith(str(images) + "/") for line in listed[1:])
 
 
+def test_hints_are_in_the_clis_terms_and_data_options_reach_the_reader(tmp_path, capsys, tiny_name):
+    images = _images(tmp_path / "photos", per_class=2, size=16)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    rows = [f"../photos/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted(images.rglob("*.jpg"))]
+    (lists / "train.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    config = _tiny_config(tmp_path, lists / "train.csv", tiny_name)
+    assert main(["check", config]) == 2
+    err = capsys.readouterr().err
+    assert "data.train: manifest" in err and "set data.allow_outside: true if you trust it" in err and "=True" not in err
+    allowed = yaml.safe_load(Path(config).read_text())
+    allowed["data"]["allow_outside"] = True
+    Path(config).write_text(yaml.safe_dump(allowed))
+    assert main(["check", config]) == 0
+
+
 def test_debug_verbose_and_version_work_before_the_command(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {base: resnet18}\ntraining: {epochs: -1}\n")
