@@ -232,12 +232,12 @@ def _check_output_layer(cfg: RunConfig, model: fx.GraphModule, classes: int, pro
 
 def _check_images(cfg: RunConfig, key: str, uri: str | None, problems: list[str], labeled: bool) -> int | None:
     """List the images at ``data.<key>``; the number of classes, or None."""
-    import pipeline
-
     if uri is None:
         return None
+    from .steps import read_source
+
     try:
-        src = pipeline.read_images(_resolve(cfg, uri), cfg.data.storage_options or None)
+        src = read_source(cfg, uri)
     except storage.StorageUnavailable:
         raise  # not a problem of the config: storage is down (the CLI's exit code 3)
     except Exception as exc:
@@ -280,6 +280,23 @@ def _writable(cfg: RunConfig, key: str, uri: str | None, problems: list[str]) ->
         raise
     except Exception as exc:
         problems.append(f"{key}: {full!r} is not writable ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+
+
+def _outside_inputs(cfg: RunConfig, key: str, uri: str | None, problems: list[str]) -> None:
+    """An output folder inside an image folder of the config: its files would be listed
+    as images (a class of their own) by the next run."""
+    if uri is None:
+        return
+    out = _resolve(cfg, uri).rstrip("/") + "/"
+    for name in ("train", "validation", "test", "predict"):
+        data = getattr(cfg.data, name)
+        if not isinstance(data, str) or data.lower().endswith((".csv", ".parquet")):
+            continue  # a manifest lists its files: outputs beside them are never read
+        folder = _resolve(cfg, data).rstrip("/") + "/"
+        if out.startswith(folder):
+            problems.append(f"{key}: {out.rstrip('/')} is inside data.{name} ({folder.rstrip('/')}); an output inside an "
+                            "image folder is read back as images; put it beside the folder")
+            return
 
 
 def _check_committed(cfg: RunConfig, model: fx.GraphModule | None, problems: list[str]) -> None:
@@ -357,13 +374,13 @@ def check_config(cfg: RunConfig, step: str = "run") -> list[str]:
         checked.append("train features")
     if model is not None and classes and step not in ("featurize",):
         _check_output_layer(cfg, model, classes, problems)
-    writes = {"run": ("featurize.output", "training.storage", "outputs.model", "outputs.report", "outputs.predictions"),
-              "featurize": ("featurize.output",), "fit": ("training.storage", "outputs.model"),
-              "sweep": ("training.storage", "outputs.model"), "finetune": ("training.storage", "outputs.model"),
-              "predict": ("outputs.predictions",)}.get(step, ())
+    from .steps import WRITES
+
+    writes = WRITES.get(step, ())
     for key in writes:
         section, field = key.split(".")
         _writable(cfg, key, getattr(getattr(cfg, section), field), problems)
+        _outside_inputs(cfg, key, getattr(getattr(cfg, section), field), problems)
     if writes:
         checked.append("outputs")
     if step in ("run", "featurize"):

@@ -7,7 +7,8 @@ progress bar per stage (plain lines when not a terminal), then a short result.
 
 Every expected failure prints one ``error:`` line (and the problems, for a config) and
 exits with its code (see :data:`EXIT_CODES`); the traceback only with ``--debug`` or
-``FREEZERAY_DEBUG=1``.
+``FREEZERAY_DEBUG=1``. Ray's own logs stay quiet unless ``--verbose`` or
+``FREEZERAY_VERBOSE=1``. ``--debug`` and ``--verbose`` go before or after the command.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["main", "main_for", "STEPS", "EXIT_CODES"]
+from .errors import CliError
+
+__all__ = ["main", "main_for", "classify", "version", "STEPS", "EXIT_CODES"]
 
 STEPS = ("run", "featurize", "fit", "sweep", "finetune", "evaluate", "predict")
 
 EXIT_CODES = {
     0: "success",
     1: "an unexpected error (a bug: rerun with --debug and report the traceback)",
-    2: "the config, the command line or an input is invalid (every problem is listed)",
+    2: "the config, the command line or an input is invalid (every problem is listed), or a run name is taken by a "
+       "run with another definition",
     3: "data or storage: a missing or unreadable file, folder or feature set, or storage that stayed unavailable",
     4: "the output is busy: another job holds its lease (or took it over)",
     5: "the output holds something else: features or predictions with another fingerprint",
@@ -46,12 +50,33 @@ _HELP = {
 }
 
 
-class _Failure(Exception):
-    """An expected failure, with its exit code and the lines to print."""
+# what a pipeline error's hint says in Python terms, and what a CLI user does instead (a
+# stopgap until the pipeline's errors name their option as data, not in their text)
+_CLI_TERMS = (
+    ("pass overwrite=True", "rerun with --overwrite (featurize.overwrite: true)"),
+    ("pass allow_outside=True", "set data.allow_outside: true"),
+    ("pass allow_empty=True", "set data.allow_empty: true"),
+    ("pass boundary='<vertex>'", "set featurize.boundary"),
+    ("pass weights=", "set model.weights to "),
+)
 
-    def __init__(self, code: int, message: str, details: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.details = code, message, details or []
+
+def cli_terms(text: str) -> str:
+    """``text`` with the pipeline's Python-syntax hints put in the CLI's terms."""
+    for api, cli in _CLI_TERMS:
+        text = text.replace(api, cli)
+    return text
+
+
+def version() -> str:
+    """The installed freezeray's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("freezeray")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -79,45 +104,49 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return cli_terms(text.splitlines()[0]) if text else type(exc).__name__
 
 
-def classify(exc: BaseException) -> _Failure | None:
+def classify(exc: BaseException) -> CliError | None:
     """The exit code and message of an expected failure; None for anything else."""
     from jobs.check import CheckFailed
     from jobs.config import ConfigError
+    from pipeline.runs import RunMismatch
 
     chain = _chain(exc)
     names = {type(e).__name__ for e in chain}
     for e in chain:
-        if isinstance(e, _Failure):
+        if isinstance(e, CliError):
             return e
+        if isinstance(e, RunMismatch):
+            hint = "set training.run_name to another name, or rerun with --overwrite (training.overwrite: true) to start it again"
+            return CliError(2, f"training.run_name: {e.describe(hint)}")
         if isinstance(e, (ConfigError, CheckFailed)):
-            return _Failure(2, f"{getattr(e, 'source', '') or 'the config'}: {len(e.problems)} problem"
+            return CliError(2, f"{getattr(e, 'source', '') or 'the config'}: {len(e.problems)} problem"
                                f"{'s' if len(e.problems) != 1 else ''}", list(e.problems))
     text = " ".join(_first_line(e) for e in chain)
     if names & {"OutOfMemoryError", "OutOfMemoryException"} or "out of memory" in text.lower() \
             or "can't allocate memory" in text:
-        return _Failure(6, f"out of memory: {_first_line(chain[-1])}",
+        return CliError(6, f"out of memory: {_first_line(chain[-1])}",
                         ["hint: lower the batch size (featurize.batch_size, training.batch_size) or give each "
                          "worker more memory"])
     for e in chain:
         kind = type(e).__name__
         if kind in ("LeaseHeld", "LeaseLost"):
-            return _Failure(4, _first_line(e))
+            return CliError(4, _first_line(e))
         if kind == "StorageUnavailable":
-            return _Failure(3, _first_line(e))
+            return CliError(3, _first_line(e))
         if kind == "FeatureMismatch":
-            return _Failure(5, _first_line(e))
+            return CliError(5, _first_line(e))
         if isinstance(e, FileExistsError):
-            return _Failure(5, _first_line(e))
+            return CliError(5, _first_line(e))
         if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) \
                 or kind == "CheckpointError":
-            return _Failure(3, _first_line(e))
+            return CliError(3, _first_line(e))
     for e in chain:
         kind = type(e).__name__
         if kind in ("WeightsError", "VertexError", "ShapeError", "SchemaError") or isinstance(e, (ValueError, TypeError)):
-            return _Failure(2, _first_line(e))
+            return CliError(2, _first_line(e))
     return None
 
 
@@ -127,14 +156,10 @@ def _load(path: str, base_dir: str = "") -> Any:
     return load_config(path, base_dir)
 
 
-def _connect(verbose: bool) -> None:
-    import ray.data  # noqa: F401  (configures Ray Data's loggers, which quiet_ray then tunes)
-
+def _connect(args: argparse.Namespace) -> None:
     from . import steps
-    from .progress import quiet_ray
 
-    quiet_ray(verbose)
-    steps.connect(verbose)
+    steps.connect()  # quiet unless --verbose (main sets it for the command) or FREEZERAY_VERBOSE=1
 
 
 def _step(name: str, args: argparse.Namespace) -> int:
@@ -142,15 +167,20 @@ def _step(name: str, args: argparse.Namespace) -> int:
 
     from . import steps
     from .check import check_config
-    from .outcome import outcome_lines
+    from .outcome import SHOWN_ERRORS, ErrorGroup, error_line, feature_errors, outcome_lines
     from .progress import Reporter
 
     cfg = _load(args.config)
+    if getattr(args, "overwrite", False):  # --overwrite: featurize.overwrite and training.overwrite
+        cfg = cfg.with_(featurize=cfg.featurize.model_copy(update={"overwrite": True}),
+                        training=cfg.training.model_copy(update={"overwrite": True}))
     check_config(cfg, step=name)  # the whole config, before Ray starts
     started = time.perf_counter()
     report = Reporter()
+    if name != "run":
+        steps.mark_outputs(cfg, name)
     if name == "run":
-        _connect(args.verbose)
+        _connect(args)
         outcome = steps.run_all(cfg, report)
         report.close()
         print("\n".join(outcome_lines(outcome, time.perf_counter() - started)))
@@ -159,28 +189,37 @@ def _step(name: str, args: argparse.Namespace) -> int:
         model = surgery.load(steps.resolve(cfg, cfg.outputs.model), cfg.data.storage_options or None)
     else:
         model = steps.build_model(cfg)
-    _connect(args.verbose)
+    _connect(args)
     if name == "featurize":
         for split, fset in steps.featurize_step(cfg, model, report).items():
-            print(f"{split}: {fset.rows} rows, {fset.errors} errors -> {fset.uri}"
+            print(f"{split}: {fset.rows} rows, {fset.errors} unreadable -> {fset.uri}"
                   f"{' (reused)' if fset.reused else ''}")
+            if fset.errors:
+                print(error_line(feature_errors(fset, split, SHOWN_ERRORS)))
     elif name in ("fit", "finetune", "sweep"):
         if name == "sweep":
             result = steps.sweep_step(cfg, model)
             print(result.table.head(10).to_string(index=False))
+            if result.reused:
+                print(f"reused the finished sweep {cfg.training.run_name!r} (same name and definition): no trial ran")
             trained = result.best_model
         else:
             result = steps.fit_step(cfg, model, progress=report) if name == "fit" else steps.finetune_step(cfg, model, report)
             best = result.metrics
             print(f"{len(result.stages)} stages, " * bool(result.stages) + f"{len(result.history)} epochs; best epoch "
                   f"{result.best_epoch}{' of the last stage' * bool(result.stages)}: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float) and k != "seconds"))
+                  + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, float) and k != "seconds")
+                  + f"{' (run ' + repr(result.run) + ' resumed: same name and definition)' if result.resumed else ''}")
             trained = result.model
         if cfg.outputs.model is not None:
             surgery.save(trained, steps.resolve(cfg, cfg.outputs.model), cfg.data.storage_options or None)
             print(f"model: {steps.resolve(cfg, cfg.outputs.model)}")
     elif name == "evaluate":
-        print(steps.evaluate_step(cfg, model).table())
+        ev = steps.evaluate_step(cfg, model)
+        print(ev.table())
+        if ev.errors:
+            rows = [(r["path"], r["reason"]) for r in ev.error_examples]
+            print(error_line(ErrorGroup("test", ev.errors, rows, ev.errors_uri)))
     elif name == "predict":
         result = steps.predict_step(cfg, model)
         print(f"{result.rows} predictions, {result.errors} unreadable -> {result.output}")
@@ -218,7 +257,7 @@ def _demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cfg, counts, where = demo_config(args.workdir, per_class=args.per_class, epochs=args.epochs)
     print(f"digits: {counts['train']} train and {counts['test']} test PNGs in {where}")
-    _connect(args.verbose)
+    _connect(args)
     report = Reporter()
     outcome = run_all(cfg, report)
     report.close()
@@ -229,7 +268,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _init(args: argparse.Namespace) -> int:
     from .init import init_config
 
-    written, lines = init_config(args.images, model=args.model, output=args.output, force=args.force)
+    written, lines = init_config(args.images, model=args.model, output=args.output, force=args.force,
+                                 splits=args.splits)
     print("\n".join(lines))
     print(f"wrote {written}; run it with: freezeray run {written}")
     return 0
@@ -241,11 +281,17 @@ def _parser(prog: str = "freezeray") -> argparse.ArgumentParser:
         prog=prog,
         description="Transfer learning at dataset scale: DL4J-style model surgery on PyTorch graphs, "
                     "featurization with Ray Data, head training with Ray Train, sweeps with Ray Tune.",
-        epilog=f"Set RAY_ADDRESS to use a running cluster; otherwise a local Ray is started. Exit codes: {codes}.",
+        epilog=f"Set RAY_ADDRESS to use a running cluster; otherwise a local Ray is started. Ray's own logs stay quiet "
+               f"unless --verbose (or FREEZERAY_VERBOSE=1). Exit codes: {codes}.",
     )
+    parser.add_argument("--version", action="version", version=f"freezeray {version()}")
+    flags = (("-v", "--verbose"), "debug logs, Ray's own logs and progress, and worker output (or FREEZERAY_VERBOSE=1)"), \
+        (("--debug",), "print the traceback of a failure (or FREEZERAY_DEBUG=1)")
+    for names, text in flags:  # before the command ...
+        parser.add_argument(*names, action="store_true", help=text)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logs, Ray's own logs and worker output")
-    common.add_argument("--debug", action="store_true", help="print the traceback of a failure (or FREEZERAY_DEBUG=1)")
+    for names, text in flags:  # ... or after it (SUPPRESS: not given here keeps what was given before)
+        common.add_argument(*names, action="store_true", default=argparse.SUPPRESS, help=text)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STEPS:
         p = sub.add_parser(name, parents=[common], help=_HELP[name],
@@ -253,28 +299,43 @@ def _parser(prog: str = "freezeray") -> argparse.ArgumentParser:
                                        "whole config is checked before Ray starts (see `freezeray check`).")
         p.add_argument("config", nargs="?", help="the run's YAML config")
         p.add_argument("--config", dest="config_opt", metavar="CONFIG", help="same as the positional CONFIG")
+        if name in ("run", "featurize", "fit", "sweep", "finetune"):
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace what another definition left in the outputs: features of another model, "
+                                "preprocessing or images (featurize.overwrite), a run of training.run_name trained "
+                                "otherwise (training.overwrite)")
         if name == "run":
             p.add_argument("--images", metavar="DIR", help="no config: write one for this image folder (as "
-                           "`freezeray init DIR`) and run it")
+                           "`freezeray init DIR`) and run it; the config and every output go beside DIR "
+                           "(DIR.yaml and DIR-out/), never inside it")
             p.add_argument("--model", default="efficientnet_lite0", help="with --images: the zoo model (default "
                            "efficientnet_lite0)")
+            p.add_argument("--output", metavar="CONFIG", help="with --images: the config to write instead of DIR.yaml "
+                           "(its outputs go beside it, in <name>-out/)")
+            p.add_argument("--force", action="store_true", help="with --images: replace a config you edited")
         p.set_defaults(fn=lambda a, _n=name: _step(_n, a))
     p = sub.add_parser("check", parents=[common], help="check a whole config without running it",
                        description="Check a config the way every command does before Ray starts: the schema, the "
                                    "model name and weights, every surgery op replayed on the model's graph (without "
                                    "its weights), the data URIs (exist, readable, classes found) and the outputs "
-                                   "(writable, no committed output with another fingerprint). Prints every problem.")
+                                   "(writable, outside the image folders, no committed output with another "
+                                   "fingerprint). Prints every problem.")
     p.add_argument("config", help="the run's YAML config")
     p.set_defaults(fn=_check)
     p = sub.add_parser("init", parents=[common], help="write a config for a folder (or manifest) of images",
                        description="Inspect an image folder (class sub-folders) or a path,label manifest: classes, "
-                                   "counts, image sizes, unreadable files. Then write a commented YAML config that "
-                                   "`freezeray run` accepts as it is: the model's preprocessing, featurize then a new "
-                                   "head, a held-out test split when there is no test folder.")
+                                   "counts, image sizes, unreadable files (a sample decoded in full). Then write a "
+                                   "commented YAML config that `freezeray run` accepts as it is: the model's "
+                                   "preprocessing, featurize then a new head, a held-out test split when there is no "
+                                   "test folder. Nothing is written into the image folder.")
     p.add_argument("images", help="an image folder (<class>/<image>, or train/ and test/ of those) or a manifest")
     p.add_argument("--model", default="efficientnet_lite0", help="a zoo model (default efficientnet_lite0)")
-    p.add_argument("--output", default="run.yaml", help="the config to write (default run.yaml)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing config")
+    p.add_argument("--output", default="run.yaml", help="the config to write (default run.yaml); outputs go beside "
+                   "it, in <name>-out/")
+    p.add_argument("--splits", metavar="DIR", default=None, help="folder for the train/test split manifests (default: "
+                   "<name>-out/splits beside the config; the image folder is never written unless named here)")
+    p.add_argument("--force", action="store_true", help="replace an existing config, even one you edited or one "
+                   "init did not write")
     p.set_defaults(fn=_init)
     p = sub.add_parser("summary", parents=[common], help="print the vertices of a zoo model or a saved model",
                        description="Print every vertex (name, op, inputs, output shape, parameters, frozen) and totals.")
@@ -294,6 +355,16 @@ def _parser(prog: str = "freezeray") -> argparse.ArgumentParser:
     return parser
 
 
+def images_config(images: str, output: str | None = None) -> str:
+    """Where ``freezeray run --images DIR`` writes its config: ``output``, else ``DIR.yaml``
+    beside ``DIR`` (its outputs then go to ``DIR-out/``, beside it too)."""
+    if output:
+        return os.path.abspath(output)
+    if "://" in images:
+        raise CliError(2, f"--images {images}: give --output CONFIG (a local path) for a folder in object storage")
+    return os.path.abspath(images.rstrip("/")) + ".yaml"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("FREEZERAY_DEBUG", "") not in ("", "0")
@@ -303,12 +374,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.config:
                 print("error: give a CONFIG or --images, not both", file=sys.stderr)
                 return 2
-            args.config = os.path.join(os.path.abspath(args.images), "freezeray.yaml")
             args.fn = lambda a: _init_and_run(a)
         elif not args.config:
             print(f"error: freezeray {args.command} needs a CONFIG", file=sys.stderr)
             return 2
-    _setup_logging(getattr(args, "verbose", False))
+        elif getattr(args, "output", None) or getattr(args, "force", False):
+            print("error: --output and --force go with --images (a CONFIG is run as it is)", file=sys.stderr)
+            return 2
+    verbose = getattr(args, "verbose", False)
+    _setup_logging(verbose)
+    if verbose:  # for this command; the library's own setting afterwards
+        from pipeline.runtime import set_verbose
+
+        set_verbose(True)
     try:
         return args.fn(args)
     except KeyboardInterrupt:
@@ -324,16 +402,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unexpected {type(exc).__name__}: {_first_line(exc)}"
                   + ("" if debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
             return 1
-        print(f"error: {failure.message}", file=sys.stderr)
+        print(f"error: {cli_terms(failure.message)}", file=sys.stderr)
         for line in failure.details:
-            print(f"  {line}", file=sys.stderr)
+            print(f"  {cli_terms(line)}", file=sys.stderr)
         return failure.code
+    finally:
+        if verbose:
+            from pipeline.runtime import set_verbose
+
+            set_verbose(None)
 
 
 def _init_and_run(args: argparse.Namespace) -> int:
+    """``run --images DIR``: (re)write the config beside DIR, then run it. A config init
+    wrote before and nobody edited is written again (the same, for the same images, so
+    the run reuses its features); an edited one is refused without --force."""
     from .init import init_config
 
-    written, lines = init_config(args.images, model=args.model, output=args.config, force=True)
+    config = images_config(args.images, args.output)
+    written, lines = init_config(args.images, model=args.model, output=config, force=args.force, rerun=True)
     print("\n".join(lines))
     print(f"wrote {written}")
     args.config = written

@@ -86,6 +86,8 @@ class DataSection(Schema):
     test: str | None = None  # images to evaluate on
     predict: str | None = None  # images to predict
     storage_options: dict[str, Any] = Field(default_factory=dict)  # fsspec options for every URI (endpoint, credentials)
+    allow_outside: bool = False  # manifests may list files outside their own folder (init's split manifests do)
+    allow_empty: bool = False  # class folders without images stay classes (with no rows) instead of an error
 
     @field_validator("validation")
     @classmethod
@@ -158,7 +160,8 @@ class TrainingSection(Schema):
     batch_size: PositiveInt | None = None  # None: fit_head's default_batch_size / finetune's 32
     early_stopping_patience: PositiveInt | None = None  # None: 20 with epochs left out, else off
     max_epochs: PositiveInt = DEFAULT_MAX_EPOCHS  # the bound when epochs is left out
-    run_name: str | None = None  # same name -> resume; None: a new run each time
+    run_name: str | None = None  # same name and definition -> resume; None: a new run each time
+    overwrite: bool = False  # a run_name used by a run with another definition: start it again instead of refusing
     storage: str | None = None  # checkpoints (None: ~/ray_results)
     max_failures: int = Field(default=0, ge=0)  # worker failures to survive
     shuffle: bool = True  # a fresh permutation every epoch

@@ -6,28 +6,42 @@ writes a commented YAML that ``freezeray run`` accepts as it is:
 * the layout: ``IMAGES/<class>/<image>``, or ``IMAGES/train`` and ``IMAGES/test`` (and
   ``IMAGES/validation``) of those, or a ``path,label`` manifest;
 * with no test set, a seeded, stratified 80/20 split of the images, written as two
-  manifests (``freezeray-train.csv``, ``freezeray-test.csv``) in the image folder, where a
-  manifest may point (manifests are confined to their own folder);
+  manifests (``freezeray-train.csv``, ``freezeray-test.csv``) in ``<config name>-out/splits``
+  beside the config, or in ``splits`` when given. Nothing is ever written into the image
+  folder unless ``splits`` names it: a read-only folder, or one under version control,
+  stays as it is. Manifests outside the image folder list absolute paths, and the config
+  says ``data.allow_outside: true`` (manifests are otherwise confined to their own folder);
+  manifests in the image folder (``splits`` naming it) list relative ones;
 * the model's own preprocessing (images whose median side is under 48 px are featurized at
   96 px instead of 224: nothing is lost and it costs five times less), features cut at
   the model's pooling, a new output layer with one unit per class, and training with
   every default (local mode, early stopping on a held-out tenth, the best epoch kept);
-* outputs (features, runs, model, report) in ``<config name>-out/`` beside the config.
+* outputs (features, runs, model, report) in ``<config name>-out/`` beside the config,
+  never inside the image folder, with an empty ``.freezeray-output`` marker at its root.
+
+The config ends with a digest of what init wrote: init replaces a config it wrote that
+nobody edited, and refuses to replace an edited one (or one it did not write) without
+``force``. Readability is checked by decoding a sample of the images in full with the
+decoder the pipeline uses, so a truncated JPEG counts as unreadable here as it will in
+the run.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
 import random
+import re
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from surgery import storage
 
-__all__ = ["init_config", "inspect_images", "HEADS"]
+__all__ = ["init_config", "inspect_images", "ConfigExists", "HEADS", "SPLIT_FILES"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +51,14 @@ HEADS = {
     "vgg16": ("fc2", "predictions"),
 }
 _MARK = "# Written by `freezeray init`"
-_SAMPLE = 2000  # images whose headers are read for sizes and readability
+_DIGEST = re.compile(r"^# init digest: ([0-9a-f]{16})\b.*$\n?", re.M)
+_SAMPLE = 500  # images decoded in full for their sizes and readability
+SPLIT_FILES = ("freezeray-train.csv", "freezeray-test.csv")
+
+
+class ConfigExists(ValueError):
+    """The config to write exists and ``force`` was not given: init did not write it, or
+    it was edited since."""
 
 
 def _surgery(model: str, classes: int) -> list[str]:
@@ -65,25 +86,34 @@ def _surgery(model: str, classes: int) -> list[str]:
             "  - set_outputs: head"]
 
 
-def inspect_images(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Classes, counts, sizes and unreadable files of an image folder or manifest."""
-    from PIL import Image
+def _readable(path: str, storage_options: dict[str, Any] | None) -> tuple[int, int] | Exception:
+    """The image's size, decoded in full by the pipeline's decoder, or why it cannot be."""
+    from surgery.preprocess import decode_image
 
+    try:
+        return decode_image(storage.read_bytes(path, storage_options)).size
+    except storage.StorageUnavailable:
+        raise
+    except Exception as exc:
+        return exc
+
+
+def inspect_images(uri: str, storage_options: dict[str, Any] | None = None, **read: Any) -> dict[str, Any]:
+    """Classes, counts, sizes and unreadable files (path, reason) of an image folder or
+    manifest; up to :data:`_SAMPLE` images are decoded in full (truncated files fail
+    there, as in the run). ``read``: :func:`pipeline.read_images`' options."""
     import pipeline
 
-    src = pipeline.read_images(uri, storage_options)
+    src = pipeline.read_images(uri, storage_options, **read)
     labels = src.labels
     counts = {c: int((labels == i).sum()) for i, c in enumerate(src.classes)}
     paths = src.paths
     rng = random.Random(0)
-    sample = paths if len(paths) <= _SAMPLE else rng.sample(paths, _SAMPLE)
-    sizes, unreadable = [], []
-    for p in sample:
-        try:
-            with Image.open(io.BytesIO(storage.read_bytes(p, storage_options))) as img:
-                sizes.append(img.size)
-        except Exception as exc:
-            unreadable.append((p, type(exc).__name__))
+    sample = paths if len(paths) <= _SAMPLE else sorted(rng.sample(paths, _SAMPLE))
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:  # decoding releases the GIL
+        found = list(pool.map(lambda p: _readable(p, storage_options), sample))
+    sizes = [f for f in found if not isinstance(f, Exception)]
+    unreadable = [(p, str(f) or type(f).__name__) for p, f in zip(sample, found) if isinstance(f, Exception)]
     return {"source": src, "classes": list(src.classes), "counts": counts, "images": len(src),
             "sizes": sizes, "checked": len(sample), "unreadable": unreadable}
 
@@ -101,12 +131,20 @@ def _layout(images: str) -> dict[str, str]:
     return {"train": images}
 
 
-def _split(images: str, source: Any, fraction: float = 0.2, seed: int = 0) -> tuple[str, str]:
-    """A seeded, stratified split written as two manifests in the image folder."""
+def _inside(path: str, folder: str) -> bool:
+    return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
+
+
+def _split(source: Any, where: str, fraction: float = 0.2, seed: int = 0) -> tuple[str, str, bool]:
+    """A seeded, stratified split of ``source`` written as two manifests in ``where``.
+    Returns their URIs and whether they list files outside ``where`` (absolute paths; a
+    manifest inside the image folder lists relative ones). A manifest that already holds
+    the same rows is left as it is (a rerun changes nothing)."""
     rows: dict[int, list[str]] = {}
-    root = images.rstrip("/")
     for path, label in zip(source.paths, source.labels):
         rows.setdefault(int(label), []).append(path)
+    base = where.rstrip("/")
+    outside = not all(_inside(p, base) for p in source.paths)
     rng = random.Random(seed)
     parts: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
     for label, paths in sorted(rows.items()):
@@ -114,39 +152,73 @@ def _split(images: str, source: Any, fraction: float = 0.2, seed: int = 0) -> tu
         rng.shuffle(paths)
         cut = max(1, round(fraction * len(paths))) if len(paths) > 1 else 0
         for i, p in enumerate(paths):
-            rel = p[len(root) + 1:] if p.startswith(root + "/") else p
-            parts["test" if i < cut else "train"].append((rel, source.classes[label]))
+            listed = p if outside else p[len(base) + 1:]
+            parts["test" if i < cut else "train"].append((listed, source.classes[label]))
     written = []
-    for name, items in parts.items():
+    for (name, items), file in zip(parts.items(), SPLIT_FILES):
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["path", "label"])
         w.writerows(sorted(items))
-        uri = storage.join(images, f"freezeray-{name}.csv")
-        storage.write_bytes(uri, buf.getvalue().encode())
+        uri = storage.join(where, file)
+        data = buf.getvalue().encode()
+        try:
+            same = storage.exists(uri) and storage.read_bytes(uri) == data
+            if not same:
+                storage.write_bytes(uri, data)
+        except OSError as exc:  # a read-only folder (EROFS is not a PermissionError)
+            raise PermissionError(f"cannot write the split manifests to {where}: {exc.strerror or exc}; give "
+                                  "--splits DIR (a folder you can write) or --output elsewhere") from None
         written.append(uri)
-    return written[0], written[1]
+    return written[0], written[1], outside
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(_DIGEST.sub("", text).encode()).hexdigest()[:16]
+
+
+def _replaceable(output: str, force: bool, rerun: bool) -> None:
+    """Refuse to replace a config init did not write, or one edited since, unless ``force``."""
+    if not os.path.exists(output) or force:
+        return
+    with open(output) as f:
+        text = f.read()
+    found = _DIGEST.search(text)
+    again = (f"run it as it is with `freezeray run {output}`, or pass --force to replace it" if rerun else
+             "pass --force to replace it, or --output to write another config")
+    if not text.startswith(_MARK):
+        raise ConfigExists(f"{output} exists and was not written by `freezeray init`; {again}")
+    if found is None or found.group(1) != _digest(text):
+        raise ConfigExists(f"{output} was edited since `freezeray init` wrote it; {again} (your edits would be lost)")
 
 
 def init_config(images: str, model: str = "efficientnet_lite0", output: str = "run.yaml",
-                force: bool = False) -> tuple[str, list[str]]:
-    """Inspect ``images`` and write a config for them to ``output``. Returns the config's
-    path and a few lines describing what was found.
+                force: bool = False, splits: str | None = None, rerun: bool = False) -> tuple[str, list[str]]:
+    """Inspect ``images`` and write a config for them to ``output`` (outputs in
+    ``<name>-out/`` beside it; split manifests, when needed, in ``splits`` or
+    ``<name>-out/splits``). Returns the config's path and a few lines describing what was
+    found. ``rerun``: the refusal to replace an edited config says how to run it instead.
 
     Raises:
         FileNotFoundError: no images at ``images``.
-        ValueError: no images, fewer than two classes, an unknown model, or an existing
-            ``output`` not written by ``init`` (without ``force``).
+        ConfigExists: ``output`` exists and init did not write it or it was edited since
+            (without ``force``).
+        PermissionError: the split manifests cannot be written where they go.
+        ValueError: no images, fewer than two classes, an unknown model, or outputs that
+            would land inside the image folder.
     """
     import surgery
 
+    from .steps import OUTPUT_MARKER
+
     images = os.path.abspath(images) if "://" not in images else images
     output = os.path.abspath(output)
-    if os.path.exists(output) and not force:
-        with open(output) as f:
-            if not f.read(200).startswith(_MARK):
-                raise FileExistsError(f"{output!r} exists and was not written by `freezeray init`; pass --force or "
-                                      "another --output")
+    name = os.path.splitext(os.path.basename(output))[0]
+    out = os.path.join(os.path.dirname(output), f"{name}-out")
+    if "://" not in images and (_inside(out, images) or _inside(output, images)):
+        raise ValueError(f"{output} and its outputs ({out}) would be inside the image folder {images}, where a run "
+                         "reads them back as images; give --output CONFIG outside it")
+    _replaceable(output, force, rerun)
     try:
         surgery.zoo.skeleton(model)
     except ValueError as exc:
@@ -163,19 +235,23 @@ def init_config(images: str, model: str = "efficientnet_lite0", output: str = "r
     if found["sizes"]:
         lines.append(f"image sizes (of {found['checked']}): smallest side {sides[0]} to {sides[-1]} px, median {median:.0f}")
     if found["unreadable"]:
-        shown = ", ".join(p.rsplit("/", 1)[-1] for p, _ in found["unreadable"][:5])
-        lines.append(f"{len(found['unreadable'])} unreadable files of {found['checked']} checked ({shown}); they "
+        shown = "; ".join(f"{p.rsplit('/', 1)[-1]}: {r}" for p, r in found["unreadable"][:5])
+        more = f"; {len(found['unreadable']) - 5} more" if len(found["unreadable"]) > 5 else ""
+        lines.append(f"{len(found['unreadable'])} unreadable files of {found['checked']} checked ({shown}{more}); they "
                      "become error rows, the run goes on")
+    if not os.path.exists(out):  # the run's output folder, marked as one (image sources skip it)
+        storage.write_bytes(os.path.join(out, OUTPUT_MARKER), b"")
+    outside = False
     if "test" not in layout:
-        train, test = _split(layout["train"], found["source"])
+        where = os.path.abspath(splits) if splits and "://" not in splits else (splits or os.path.join(out, "splits"))
+        train, test, outside = _split(found["source"], where)
         layout = {**layout, "train": train, "test": test}
-        lines.append("no test set: a seeded, stratified 80/20 split written as freezeray-train.csv and "
-                     "freezeray-test.csv in the image folder")
+        lines.append(f"no test set: a seeded, stratified 80/20 split written as {SPLIT_FILES[0]} and {SPLIT_FILES[1]} "
+                     f"in {where}")
     ops = _surgery(model, len(found["classes"]))
     image_size = 96 if found["sizes"] and median < 48 else None
-    name = os.path.splitext(os.path.basename(output))[0]
-    out = os.path.join(os.path.dirname(output), f"{name}-out")
-    text = _yaml(name, model, ops, layout, image_size, median, out)
+    text = _yaml(name, model, ops, layout, image_size, median, out, outside)
+    text += f"# init digest: {_digest(text)} (init replaces this file only while it is unedited)\n"
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
         f.write(text)
@@ -190,11 +266,13 @@ def _q(value: str) -> str:
 
 
 def _yaml(name: str, model: str, ops: list[str], layout: dict[str, str], image_size: int | None, median: float,
-          out: str) -> str:
+          out: str, outside: bool) -> str:
     validation = f"  validation: {_q(layout['validation'])}\n" if "validation" in layout else \
         "  validation: 0.1                # a seeded tenth of train: early stopping and the curves\n"
     size = (f"  image_size: {image_size}                 # your images are small (median side {median:.0f} px): "
             "96 px loses nothing and costs 5x less than 224\n") if image_size else ""
+    allow = ("  allow_outside: true             # the split manifests list files of the image folder, outside their own\n"
+             if outside else "")
     return f"""{_MARK} for {layout['train']}. `freezeray run` runs it as it is;
 # every setting left out keeps its default (see jobs/configs/ and the README).
 name: {name}
@@ -207,7 +285,7 @@ fine_tune: {{seed: 0}}               # Adam, lr 1e-3 by default; seeded so rerun
 data:
   train: {_q(layout['train'])}
 {validation}  test: {_q(layout['test'])}
-featurize:                         # featurize once at the frozen boundary; reruns reuse the features
+{allow}featurize:                         # featurize once at the frozen boundary; reruns reuse the features
   output: {_q(os.path.join(out, 'features'))}
 {size}training:                         # the head, on the features: local mode, early stopping, best epoch kept
   mode: head

@@ -1,48 +1,15 @@
 """What the CLI shows while a run works: one progress bar per stage in a terminal
-(images/s or epochs, and the time left), a plain line per finished stage otherwise, and
-quiet Ray logs (they go to Ray's log files; ``--verbose`` brings them back)."""
+(images/s or epochs, and the time left), a plain line per finished stage otherwise. Ray's
+own logs stay quiet (see :mod:`pipeline.runtime`; ``--verbose`` or ``FREEZERAY_VERBOSE=1``
+brings them back)."""
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from typing import Any, TextIO
 
-__all__ = ["Reporter", "quiet_ray"]
-
-
-class _DropNotices(logging.Filter):
-    """Notices a new user cannot act on: Ray Data's "progress bars disabled" (we draw our
-    own) and Ray 2.60's token-authentication notice for a local instance."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith("Progress bars disabled") or "Token authentication is enabled" in message)
-
-
-def quiet_ray(verbose: bool) -> None:
-    """Keep Ray's own INFO logging (Ray Data's execution plans and progress lines, Ray
-    Train's and Tune's notices) off the terminal unless ``verbose``; it still goes to the
-    session's log files (Ray Data's ``ray-data.log``). Call once Ray is imported."""
-    if verbose:
-        return
-    for name in ("ray", "ray.train", "ray.tune", "ray.air"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for handler in logging.getLogger("ray.data").handlers:  # Ray Data logs to a file and the console
-        if "File" not in type(handler).__name__:
-            handler.setLevel(logging.WARNING)
-            handler.addFilter(_DropNotices())
-    for handler in logging.getLogger("ray").handlers:
-        handler.addFilter(_DropNotices())
-    try:
-        from ray.data import DataContext
-
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False  # one bar per stage is ours
-        ctx.print_on_execution_start = False
-    except Exception:  # pragma: no cover - Ray Data's knobs move between releases
-        pass
+__all__ = ["Reporter"]
 
 
 class Reporter:

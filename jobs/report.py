@@ -1,7 +1,8 @@
 """The run report: a folder with the resolved config (secrets left unresolved), the model
 summary, per-epoch metrics, the evaluation, timings and throughput, the training curves
-and confusion matrix as PNG, the trials of a sweep (a table and a plot), and a Markdown
-page that shows them.
+and confusion matrix as PNG, the trials of a sweep (a table and a plot), the images that
+could not be read (``errors.parquet``: split, path, reason; their count and first names
+in ``metrics.json`` and on the page), and a Markdown page that shows them.
 
 Figures are drawn with matplotlib's object-oriented API (``matplotlib.figure.Figure`` and
 its Agg canvas), so writing a report never switches the process's backend (a notebook
@@ -18,7 +19,7 @@ import yaml
 import surgery
 from surgery import storage
 
-from .outcome import RunOutcome
+from .outcome import RunOutcome, error_groups
 
 __all__ = ["write_report", "curves_png", "confusion_png", "sweep_png"]
 
@@ -165,11 +166,34 @@ def write_report(uri: str, outcome: RunOutcome, storage_options: dict | None = N
     if outcome.predictions is not None:
         metrics["predictions"] = {"output": outcome.predictions.output, "rows": outcome.predictions.rows,
                                   "errors": outcome.predictions.errors}
+    groups = error_groups(outcome)
+    if groups:
+        files["errors.parquet"] = _errors_table(groups, storage_options)
+        metrics["errors"] = {g.split: {"count": g.count, "first": [{"path": p, "reason": r} for p, r in g.rows[:10]],
+                                       "table": storage.join(uri, "errors.parquet"), "source_table": g.table}
+                             for g in groups}
     files["metrics.json"] = json.dumps(metrics, indent=2, default=str).encode()
     files["report.md"] = _page(outcome, metrics, files).encode()
     for name, data in files.items():
         storage.write_bytes(storage.join(uri, name), data, storage_options)
     return storage.join(uri, "report.md")
+
+
+def _errors_table(groups: list, storage_options: dict | None) -> bytes:
+    """Every error row of the run as Parquet: split, path, reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    splits, paths, reasons = [], [], []
+    for g in groups:
+        rows = g.read_all() if g.read_all is not None else g.rows  # the group may hold only the first few
+        splits += [g.split] * len(rows)
+        paths += [p for p, _ in rows]
+        reasons += [r for _, r in rows]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"split": pa.array(splits, pa.string()), "path": pa.array(paths, pa.string()),
+                             "reason": pa.array(reasons, pa.string())}), buf)
+    return buf.getvalue()
 
 
 def _page(outcome: RunOutcome, metrics: dict[str, Any], files: dict[str, bytes]) -> str:
@@ -194,6 +218,16 @@ def _page(outcome: RunOutcome, metrics: dict[str, Any], files: dict[str, bytes])
                       for v, m in ev.outputs.items()]
         if "confusion.png" in files:
             lines += ["", "![confusion matrix](confusion.png)"]
+    if metrics.get("errors"):
+        total = sum(e["count"] for e in metrics["errors"].values())
+        per_split = ", ".join(f"{split} {e['count']}" for split, e in metrics["errors"].items())
+        lines += ["", "## Unreadable images", "",
+                  f"{total} image{'s' if total != 1 else ''} could not be read and were left out "
+                  f"({per_split}); every one, with "
+                  "its reason, is in [errors.parquet](errors.parquet).", "", "| split | file | reason |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {split} | `{row['path']}` | {_cell(row['reason'])} |"
+                  for split, e in metrics["errors"].items() for row in e["first"]]
     if outcome.fit is not None:
         lines += ["", "## Training", "", "![training curves](curves.png)", "",
                   "| epoch | loss | accuracy | val loss | val accuracy | lr |", "| --- | --- | --- | --- | --- | --- |"]

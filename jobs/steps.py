@@ -17,15 +17,24 @@ import surgery
 from surgery import TransferLearning, storage
 
 from .config import RunConfig
+from .errors import CliError
 from .outcome import RunOutcome
 from .report import write_report
 
 __all__ = ["connect", "build_model", "featurize_step", "fit_step", "sweep_step", "finetune_step", "evaluate_step",
-           "predict_step", "run_all", "resolve", "Progress"]
+           "predict_step", "run_all", "resolve", "read_source", "mark_outputs", "Progress", "WRITES", "OUTPUT_MARKER"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, dict[str, Any]], None]  # (step, event) -> None; events from the pipeline's callbacks
+
+OUTPUT_MARKER = ".freezeray-output"  # an empty file at the root of every output folder the CLI creates
+# the config paths each step writes to
+WRITES = {"run": ("featurize.output", "training.storage", "outputs.model", "outputs.report", "outputs.predictions"),
+          "featurize": ("featurize.output",), "fit": ("training.storage", "outputs.model"),
+          "sweep": ("training.storage", "outputs.model"), "finetune": ("featurize.output", "training.storage",
+                                                                       "outputs.model"),
+          "predict": ("outputs.predictions",)}
 
 
 def resolve(cfg: RunConfig, uri: str | None) -> str | None:
@@ -35,12 +44,34 @@ def resolve(cfg: RunConfig, uri: str | None) -> str | None:
     return os.path.abspath(os.path.join(cfg.base_dir or os.getcwd(), uri))
 
 
-def connect(verbose: bool = False) -> None:
-    """Join the cluster in ``RAY_ADDRESS``, or start a local Ray; the workers' output
-    reaches this terminal only when ``verbose``."""
+def connect(verbose: bool | None = None) -> None:
+    """Join the cluster in ``RAY_ADDRESS``, or start a local Ray; Ray's own output and the
+    workers' reach this terminal only when ``verbose`` (None: ``FREEZERAY_VERBOSE``)."""
     from pipeline.runtime import ensure_ray
 
     ensure_ray(log_to_driver=verbose)
+
+
+def mark_outputs(cfg: RunConfig, step: str) -> list[str]:
+    """Create each output folder ``step`` writes that does not exist yet, with an empty
+    :data:`OUTPUT_MARKER` file at its root (image sources skip folders that hold one, so
+    an output never becomes input). Folders that exist are left as they are. Returns the
+    folders created."""
+    made = []
+    for key in WRITES.get(step, ()):
+        section, name = key.split(".")
+        uri = resolve(cfg, getattr(getattr(cfg, section), name))
+        if uri is not None and not storage.exists(uri, _opts(cfg)):
+            storage.write_bytes(storage.join(uri, OUTPUT_MARKER), b"", _opts(cfg))
+            made.append(uri)
+    return made
+
+
+def read_source(cfg: RunConfig, uri: str, classes: tuple[str, ...] | None = None) -> Any:
+    """The images at a config path, read as the config's data section says
+    (``allow_outside``, ``allow_empty``)."""
+    return pipeline.read_images(resolve(cfg, uri), _opts(cfg), classes=classes, allow_outside=cfg.data.allow_outside,
+                                allow_empty=cfg.data.allow_empty)
 
 
 def _opts(cfg: RunConfig) -> dict[str, Any] | None:
@@ -84,17 +115,23 @@ def featurize_step(cfg: RunConfig, model: fx.GraphModule, progress: Progress | N
     for split, uri in _splits(cfg).items():
         if only is not None and split not in only:
             continue
-        src = pipeline.read_images(resolve(cfg, uri), opts, classes=classes)
+        src = read_source(cfg, uri, classes)
         classes = classes or src.classes
         if progress is not None:
             progress(f"featurize {split}", {"event": "start", "total": src.rows, "unit": "images"})
-        out[split] = pipeline.featurize(
-            model, src, _feature_uri(cfg, split), storage_options=opts, boundary=f.boundary, image_size=f.image_size,
-            dtype=f.dtype, batch_size=f.batch_size, resources=f.resources, shard_rows=f.shard_rows,
-            overwrite=f.overwrite,
-            progress=(lambda s, r, e, _n=f"featurize {split}": progress(_n, {"event": "rows", "rows": r + e}))
-            if progress is not None else None,
-        )
+        try:
+            out[split] = pipeline.featurize(
+                model, src, _feature_uri(cfg, split), storage_options=opts, boundary=f.boundary,
+                image_size=f.image_size, dtype=f.dtype, batch_size=f.batch_size, resources=f.resources,
+                shard_rows=f.shard_rows, overwrite=f.overwrite,
+                progress=(lambda s, r, e, _n=f"featurize {split}": progress(_n, {"event": "rows", "rows": r + e}))
+                if progress is not None else None,
+            )
+        except FileExistsError as exc:  # features of another fingerprint there (featurize refuses to mix them)
+            raise CliError(5, f"featurize.output: {_feature_uri(cfg, split)} holds features made another way (another "
+                              "model, boundary, preprocessing, dtype or set of images); rerun with --overwrite (or set "
+                              f"featurize.overwrite: true in {cfg.source or 'the config'}) to replace them, or set another "
+                              "featurize.output") from exc
         if progress is not None:
             progress(f"featurize {split}", {"event": "end", "reused": out[split].reused})
     return out
@@ -125,7 +162,7 @@ def fit_step(cfg: RunConfig, model: fx.GraphModule, features: dict[str, pipeline
         model, train, validation=_validation(cfg, features), epochs=t.epochs, batch_size=t.batch_size,
         resources=t.resources, storage=resolve(cfg, t.storage), name=t.run_name, storage_options=_opts(cfg),
         shuffle=t.shuffle, seed=t.seed, early_stopping_patience=t.early_stopping_patience, max_epochs=t.max_epochs,
-        max_failures=t.max_failures, callback=callback,
+        max_failures=t.max_failures, callback=callback, overwrite=t.overwrite,
     )
     if progress is not None:
         progress("fit", {"event": "end"})
@@ -144,7 +181,7 @@ def sweep_step(cfg: RunConfig, model: fx.GraphModule, features: dict[str, pipeli
         validation=_validation(cfg, features), epochs=t.epochs, batch_size=t.batch_size,
         early_stopping_patience=t.early_stopping_patience, max_epochs=t.max_epochs,
         scheduler=None if s.scheduler == "none" else s.scheduler, use_gpu=bool(t.resources.use_gpu),
-        storage=resolve(cfg, t.storage), name=t.run_name, storage_options=_opts(cfg), seed=t.seed,
+        storage=resolve(cfg, t.storage), name=t.run_name, storage_options=_opts(cfg), seed=t.seed, overwrite=t.overwrite,
     )
 
 
@@ -156,12 +193,14 @@ def finetune_step(cfg: RunConfig, model: fx.GraphModule, progress: Progress | No
     if features is None and t.stages and cfg.featurize.output is not None:  # the first stage trains on the features
         features = featurize_step(cfg, model, progress, ("train",))["train"]  # (reused when committed)
     callback = (lambda e: progress("finetune", e)) if progress is not None else None
+    train = read_source(cfg, cfg.data.train)
+    validation = read_source(cfg, cfg.data.validation, train.classes) if isinstance(cfg.data.validation, str) else None
     result = pipeline.finetune(
-        model, resolve(cfg, cfg.data.train), validation=resolve(cfg, cfg.data.validation), epochs=t.epochs,
+        model, train, validation=validation, epochs=t.epochs,
         batch_size=t.batch_size or 32, resources=t.resources, augment=t.augment, image_size=cfg.featurize.image_size,
         storage=resolve(cfg, t.storage), name=t.run_name, storage_options=_opts(cfg), shuffle=t.shuffle, seed=t.seed,
         early_stopping_patience=t.early_stopping_patience, max_epochs=t.max_epochs, max_failures=t.max_failures,
-        callback=callback, stages=t.stages, features=features,
+        callback=callback, stages=t.stages, features=features, overwrite=t.overwrite,
     )
     if progress is not None:
         progress("finetune", {"event": "end"})
@@ -180,12 +219,12 @@ def evaluate_step(cfg: RunConfig, model: fx.GraphModule, features: dict[str, pip
             return pipeline.evaluate(model, test, storage_options=_opts(cfg))  # checks the features first
         except pipeline.FeatureMismatch:
             pass
-    return pipeline.evaluate(model, resolve(cfg, cfg.data.test), storage_options=_opts(cfg),
+    return pipeline.evaluate(model, read_source(cfg, cfg.data.test, classes), storage_options=_opts(cfg),
                              image_size=cfg.featurize.image_size, classes=classes, resources=cfg.featurize.resources)
 
 
 def predict_step(cfg: RunConfig, model: fx.GraphModule) -> pipeline.PredictResult:
-    return pipeline.predict(model, resolve(cfg, cfg.data.predict), resolve(cfg, cfg.outputs.predictions),
+    return pipeline.predict(model, read_source(cfg, cfg.data.predict), resolve(cfg, cfg.outputs.predictions),
                             storage_options=_opts(cfg), image_size=cfg.featurize.image_size, overwrite=True,
                             resources=cfg.featurize.resources)
 
@@ -204,6 +243,7 @@ def _with_classes(model: fx.GraphModule, classes: tuple[str, ...]) -> fx.GraphMo
 def run_all(cfg: RunConfig, progress: Progress | None = None) -> RunOutcome:
     """Build, featurize, train (or sweep), evaluate, save, predict, and write the report."""
     out = RunOutcome(cfg)
+    mark_outputs(cfg, "run")
 
     def timed(step: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -229,8 +269,7 @@ def run_all(cfg: RunConfig, progress: Progress | None = None) -> RunOutcome:
                 features = out.features["train"]
             out.fit = timed("finetune", finetune_step, cfg, model, progress, features)
             model = out.fit.model
-        classes = out.features["train"].classes if "train" in out.features else \
-            pipeline.read_images(resolve(cfg, cfg.data.train), _opts(cfg)).classes
+        classes = out.features["train"].classes if "train" in out.features else read_source(cfg, cfg.data.train).classes
         model = _with_classes(model, classes)
     out.model = model
     if cfg.data.test is not None:

@@ -26,6 +26,8 @@ _EXPORTS: dict[str, str | None] = {
     "PredictResult": "predict",
     "predict": "predict",
     "Resources": "resources",
+    "RunMismatch": "runs",
+    "set_verbose": "runtime",
     "ImageSource": "sources",
     "read_images": "sources",
     "Stage": "stages",
@@ -45,6 +47,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .lease import LeaseHeld, LeaseLost
     from .predict import PredictResult, predict
     from .resources import Resources
+    from .runs import RunMismatch
+    from .runtime import set_verbose
     from .sources import ImageSource, read_images
     from .stages import Stage
     from .sweep import SweepResult, sweep

@@ -41,7 +41,7 @@ from .shards import (
     write_table,
 )
 
-__all__ = ["seal", "rewrite", "shard_stats", "done_shards", "latest", "commit_version", "clean"]
+__all__ = ["errors_of", "seal", "rewrite", "shard_stats", "done_shards", "latest", "commit_version", "clean"]
 
 _STATS_KEY = b"freezeray.shard"
 
@@ -222,6 +222,17 @@ def rewrite(output: str, storage_options: dict | None, old: dict[str, Any], entr
             out.abort()
             raise
     return _entry({**entry, "nodes": old.get("nodes") or []}, got)
+
+
+def errors_of(output: str, manifest: Any, storage_options: dict | None) -> pa.Table:
+    """(row_id, path, reason) of every error row a committed version lists, in row-id
+    order: each shard's errors file (format 2 and older: their one ``errors.parquet``)."""
+    if manifest.errors_file:
+        return read_table(storage.join(output, manifest.errors_file), storage_options)
+    paths = [s.errors_path for s in manifest.shards if s.errors and s.errors_path]
+    with ThreadPoolExecutor(16) as pool:
+        tables = list(pool.map(lambda p: read_table(storage.join(output, p), storage_options), paths))
+    return pa.concat_tables(tables).sort_by("row_id") if tables else ERROR_SCHEMA.empty_table()
 
 
 def done_shards(output: str, storage_options: dict | None, entries: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:

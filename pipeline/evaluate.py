@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.fx as fx
 
@@ -125,7 +126,7 @@ class EvalResult:
     accuracy: float  # share of rows whose top class is the label
     loss: float  # mean loss of the output layer
     rows: int  # rows scored
-    errors: int  # inputs that could not be read (images only)
+    errors: int  # inputs that could not be read: error rows of the images, or of the feature set's images
     classes: tuple[str, ...]  # class names by label
     confusion: list[list[int]]  # confusion[true][predicted]
     per_class: list[dict[str, Any]]  # class, precision, recall, f1, support
@@ -133,13 +134,24 @@ class EvalResult:
     seconds: float = 0.0  # wall time
     source: str = ""  # what was evaluated
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # several outputs: each one's accuracy, loss, macro_f1, confusion
+    error_examples: list[dict[str, str]] = field(default_factory=list)  # the first few error rows: path, reason
+    errors_uri: str | None = None  # the feature set whose errors_table() holds every error row; None: in memory
+    _error_rows: list[tuple[str, str]] = field(default_factory=list, repr=False)  # images: (path, reason) of each
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("_error_rows")
         d["classes"] = list(self.classes)
         if not self.outputs:
             del d["outputs"]
         return d
+
+    def errors_table(self, storage_options: dict[str, Any] | None = None) -> pa.Table:
+        """(path, reason) of every input that could not be read."""
+        if self.errors_uri is not None:
+            return FeatureSet.open(self.errors_uri, storage_options).errors_table().select(["path", "reason"])
+        return pa.table({"path": pa.array([p for p, _ in self._error_rows], pa.string()),
+                         "reason": pa.array([r for _, r in self._error_rows], pa.string())})
 
     def table(self) -> str:
         """The per-class table as text."""
@@ -180,6 +192,20 @@ def _metrics(confusion: np.ndarray, loss_sum: float, loss_rows: int, errors: int
 def _loss_arg(specs: Sequence[LossSpec]) -> dict[str, Any] | list[dict[str, Any]]:
     """The Scorer's ``loss``: one spec's dict, or a list for several outputs."""
     return specs[0].to_dict() if len(specs) == 1 else [s.to_dict() for s in specs]
+
+
+def _count_errors(result: EvalResult, data: Any, storage_options: dict | None, rows: list[tuple[str, str]]) -> None:
+    """The error rows of what was evaluated, on ``result``: on a feature set, those of
+    the images it was made from (its rows are the readable ones); on images, ``rows``."""
+    if _is_feature_set(data, storage_options):
+        fset = data if isinstance(data, FeatureSet) else FeatureSet.open(str(data), storage_options)
+        table = fset.errors_table() if fset.errors else None
+        rows = list(zip(table.column("path").to_pylist(), table.column("reason").to_pylist())) if table is not None else []
+        result.errors += fset.errors
+        result.errors_uri = fset.uri
+    else:
+        result._error_rows = rows
+    result.error_examples = [{"path": p, "reason": r} for p, r in rows[:5]]
 
 
 def _is_feature_set(data: Any, storage_options: dict | None) -> bool:
@@ -313,11 +339,14 @@ def evaluate(
     confusions = [np.zeros((k, k), dtype=np.int64) for _ in specs]
     output_loss = [[0.0, 0] for _ in specs]
     loss_sum, loss_rows, errors, unlabeled = 0.0, 0, 0, 0
+    error_rows: list[tuple[str, str]] = []
     for batch in batches:
         if "index" in batch:  # a shard's end marker is not a row
             batch = {k: np.asarray(v)[np.asarray(batch["index"]) >= 0] for k, v in batch.items()}
         bad = ~readable(batch["error"])
         errors += int(bad.sum())
+        if bad.any() and "path" in batch:
+            error_rows += zip(map(str, np.asarray(batch["path"])[bad]), map(str, np.asarray(batch["error"])[bad]))
         labels = np.asarray(batch["label"])[~bad]
         unlabeled += int((labels < 0).sum())
         keep = labels >= 0
@@ -341,6 +370,7 @@ def evaluate(
             m = _metrics(confusion, o_sum, o_rows, errors, class_names, seconds, what)
             result.outputs[spec.vertex] = {"accuracy": m.accuracy, "loss": m.loss, "macro_f1": m.macro_f1,
                                            "weight": spec.weight, "confusion": m.confusion}
+    _count_errors(result, data, storage_options, error_rows)
     log.info("evaluated %s: accuracy %.4f, loss %.4f over %d rows (%d errors)", what, result.accuracy, result.loss,
              result.rows, result.errors)
     return result

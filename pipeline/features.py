@@ -11,10 +11,10 @@ import torch
 
 from surgery import storage
 
-from .commit import latest
+from .commit import errors_of, latest
 from .manifest import FEATURES_FORMAT, FeaturesManifest, Shard, probe_problem, probe_sample
 from .readers import row_side
-from .shards import ERROR_SCHEMA, MANIFEST, read_table
+from .shards import MANIFEST, read_table
 
 __all__ = ["FeatureSet", "FEATURES_FORMAT", "FeatureMismatch", "split_rows"]
 
@@ -107,11 +107,7 @@ class FeatureSet:
 
     def errors_table(self) -> pa.Table:
         """(row_id, path, reason) for every input that could not be featurized, in row-id order."""
-        if self.manifest.errors_file:  # format 2 and older: one file
-            return read_table(storage.join(self.uri, self.manifest.errors_file), self.storage_options)
-        tables = [read_table(storage.join(self.uri, s.errors_path), self.storage_options)
-                  for s in self.manifest.shards if s.errors and s.errors_path]
-        return pa.concat_tables(tables).sort_by("row_id") if tables else ERROR_SCHEMA.empty_table()
+        return errors_of(self.uri, self.manifest, self.storage_options)
 
     def to_dict(self) -> dict[str, Any]:
         return self.manifest.to_dict()

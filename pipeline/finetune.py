@@ -23,6 +23,7 @@ from surgery.training import DEFAULT_MAX_EPOCHS, Stopping
 
 from .head import AUTO_VALIDATION
 from .resources import Resources
+from .runs import claim_run, data_definition, describe, fine_tune_definition, images_definition, model_definition
 from .stages import Stage, run_stages
 from .train import (
     FitResult,
@@ -64,6 +65,7 @@ def finetune(
     callback: Callable[[dict[str, Any]], None] | None = None,
     stages: Sequence[Stage | dict[str, Any]] | None = None,
     features: Any = None,
+    overwrite: bool = False,
 ) -> FitResult:
     """Train the model from raw images; frozen layers stay frozen.
 
@@ -87,6 +89,10 @@ def finetune(
             checkpoints are the run ``<name>-stage<i>``.
         features: a feature set made by the first stage's frozen part: that stage then
             trains on it (``fit_head``, its own seeded validation split), not on images.
+        overwrite: a run (or stage run) of the same name with another definition is
+            deleted and trained again, instead of refused (:class:`~pipeline.RunMismatch`;
+            a stage's definition holds its settings and the weights it starts from, so
+            every stage after a changed one is another run too).
 
     Example:
         >>> pipeline.finetune(model, "s3://b/train", features="s3://b/features/train", name="flowers", stages=[
@@ -121,7 +127,7 @@ def finetune(
     common = dict(workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, shuffle=shuffle, seed=seed,
                   patience=early_stopping_patience, max_epochs=max_epochs, max_failures=max_failures,
                   storage=storage or default_storage(), storage_options=storage_options, image_size=image_size,
-                  augment=transforms)
+                  augment=transforms, overwrite=overwrite)
     if not stages:
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has nothing trainable: everything is frozen")
@@ -134,7 +140,7 @@ def finetune(
 
     def images(m: fx.GraphModule, stage: Stage, stage_run: str, cb: Callable | None) -> FitResult:
         return _from_images(m, train, val, epochs=stage.epochs or epochs, batch_size=stage.batch_size or batch_size,
-                            run=stage_run, callback=cb, **common)
+                            run=stage_run, callback=cb, stage=stage, **common)
 
     def on_features(m: fx.GraphModule, stage: Stage, stage_run: str, cb: Callable | None) -> FitResult:
         from .head import fit_head
@@ -143,7 +149,7 @@ def finetune(
                         num_workers=num_workers, use_gpu=use_gpu, storage=common["storage"], name=stage_run,
                         storage_options=storage_options, shuffle=shuffle, seed=seed,
                         early_stopping_patience=early_stopping_patience, max_epochs=max_epochs,
-                        max_failures=max_failures, callback=cb)
+                        max_failures=max_failures, callback=cb, overwrite=overwrite)
 
     out = run_stages(model, stages, images, features=features, run=run, fit_features=on_features, callback=callback)
     out.seconds = time.perf_counter() - started
@@ -175,8 +181,10 @@ def _split(src: Any, validation: Any, epochs: int | None, seed: int, storage_opt
 def _from_images(model: fx.GraphModule, train: Any, val: Any, *, epochs: int | None, batch_size: int, run: str,
                  callback: Callable | None, workers: int, use_gpu: bool, cpus_per_worker: float, shuffle: bool,
                  seed: int, patience: int | None, max_epochs: int, max_failures: int, storage: str,
-                 storage_options: dict | None, image_size: int | None, augment: tuple[Any, ...] | None) -> FitResult:
-    """One run of the training function on decoded images."""
+                 storage_options: dict | None, image_size: int | None, augment: tuple[Any, ...] | None,
+                 overwrite: bool = False, stage: Stage | None = None) -> FitResult:
+    """One run of the training function on decoded images (claimed by its definition
+    first, see :mod:`pipeline.runs`)."""
     import ray.train
 
     from surgery.preprocess import model_preprocessing
@@ -193,6 +201,11 @@ def _from_images(model: fx.GraphModule, train: Any, val: Any, *, epochs: int | N
         fine_tune=(surgery.get_info(model).fine_tune or FineTuneConfiguration()).to_dict(),
         validation=val is not None, world_size=workers, run=run, storage=storage, in_memory=False, augment=augment,
     )
+    definition = {**model_definition(model), "images": images_definition(train), "validation": data_definition(val),
+                  "fine_tune": fine_tune_definition(model), "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
+                  "preprocessing": config.to_dict(), "augment": describe(augment),
+                  "stage": None if stage is None else stage.model_dump(mode="json", exclude={"epochs"})}
+    resumed = claim_run(storage, run, "finetune", definition, storage_options, overwrite)  # before anything is trained
     ensure_ray()
     datasets = {"train": image_dataset(train[0], augment_source_config(config) if augment is not None else config,
                                        split=train[1])}
@@ -201,4 +214,6 @@ def _from_images(model: fx.GraphModule, train: Any, val: Any, *, epochs: int | N
     result = run_trainer(model, settings, datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split="all"),
                          use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, storage_options=storage_options,
                          max_failures=max_failures, callback=callback)
-    return finish(model, result, settings, started)
+    out = finish(model, result, settings, started)
+    out.resumed = resumed
+    return out

@@ -52,6 +52,7 @@ from surgery.training import DEFAULT_MAX_EPOCHS, Stopping
 
 from .features import FeatureSet, split_rows
 from .resources import Resources
+from .runs import claim_run, data_definition, features_definition, fine_tune_definition, model_definition
 from .train import (
     WORKER_MEMORY_BYTES,
     FitResult,
@@ -155,6 +156,7 @@ def fit_head(
     max_epochs: int = DEFAULT_MAX_EPOCHS,
     max_failures: int = 0,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
 ) -> FitResult:
     """Train the unfrozen part of ``model`` on a feature set (DL4J's ``fitFeaturized``, on
     a whole data set) with Ray Train, and return the model with the best epoch's weights.
@@ -174,8 +176,11 @@ def fit_head(
         validation: a feature-set URI / ``FeatureSet``, or a fraction of ``features`` held
             out by a seeded split on row ids; None with ``epochs=None``: a tenth is held out.
         storage: URI for checkpoints (local or object storage); None: ``~/ray_results``.
-        name: run name under ``storage``; a run with an existing name resumes from its
-            newest good checkpoint (in the mode it was started in).
+        name: run name under ``storage``; None: a new name. A run with an existing name
+            and the same definition (model, features, fine-tune configuration, batch
+            size, shuffling, seed, validation; see :mod:`pipeline.runs`) resumes from its
+            newest good checkpoint (in the mode it was started in); with another
+            definition it is refused (:class:`~pipeline.RunMismatch`).
         storage_options: fsspec options for ``features``, ``validation`` and ``storage``.
         resources: Ray Train's workers (:class:`~pipeline.Resources`); ``num_workers`` and
             ``use_gpu`` above are shorthands for its fields; ``cpus_per_worker`` (default 1).
@@ -188,6 +193,8 @@ def fit_head(
         callback: called in the training process with ``{"event": "batch_end" |
             "epoch_end" | "resume", ...}`` (``resume``: the checkpoint a restarted or resumed
             run continues from, and the bad checkpoints it skipped).
+        overwrite: a run named ``name`` with another definition is deleted and this one
+            starts in its place, instead of being refused.
 
     Returns:
         a :class:`FitResult`: the full model with the best epoch's weights (by validation
@@ -195,6 +202,7 @@ def fit_head(
 
     Raises:
         FeatureMismatch: features made by another frozen graph (before any training).
+        RunMismatch: ``name`` holds a run with another definition (and not ``overwrite``).
         ValueError: zero rows, labels the output cannot score, or a loss that does not fit
             class labels.
 
@@ -233,13 +241,18 @@ def fit_head(
     seed = seed_of(model, seed)
     train_rows = int(fset.rows * (1 - validation)) if isinstance(validation, float) else fset.rows
     batch = batch_size if batch_size is not None else default_batch_size(train_rows // max(workers, 1))
+    run, where = run_name(name, "fit_head"), storage or default_storage()
+    definition = {**model_definition(model, head), "features": features_definition(fset),
+                  "fine_tune": fine_tune_definition(model), "batch_size": batch, "shuffle": shuffle, "seed": seed,
+                  "validation": data_definition(val_set if val_set is not None else validation)}
     settings = TrainSettings(
         stopping=stopping.to_dict(), batch_size=batch, shuffle=shuffle, seed=seed, inputs="features",
         feature_columns=fset.feature_columns, preprocessing=None, losses=tuple(s.to_dict() for s in specs),
         fine_tune=(surgery.get_info(model).fine_tune or FineTuneConfiguration()).to_dict(),
-        validation=validation is not None, world_size=workers, run=run_name(name, "fit_head"),
-        storage=storage or default_storage(), in_memory=row_bytes * fset.rows / max(workers, 1) <= WORKER_MEMORY_BYTES,
+        validation=validation is not None, world_size=workers, run=run,
+        storage=where, in_memory=row_bytes * fset.rows / max(workers, 1) <= WORKER_MEMORY_BYTES,
     )
+    resumed = claim_run(where, run, "fit_head", definition, storage_options, overwrite)  # before anything is trained
     if workers == 0:
         result = run_trainer(head, settings, tensors=_local_tensors(fset, val_set, validation, settings),
                              use_gpu=use_gpu, storage_options=storage_options, callback=callback)
@@ -247,6 +260,7 @@ def fit_head(
         result = _run_workers(head, fset, val_set, validation, settings, use_gpu, cpus_per_worker, storage_options,
                               max_failures, callback)
     out = finish(model, result, settings, started)
+    out.resumed = resumed
     log.info("fit_head %s (%s): %d epochs, best epoch %s: %s", out.run,
              "local mode" if workers == 0 else f"{workers} workers", len(out.history), out.best_epoch, _fmt(out.metrics))
     return out

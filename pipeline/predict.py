@@ -48,6 +48,12 @@ class PredictResult:
     manifest: PredictionsManifest | None = field(repr=False, default=None)
     reused: bool = False  # the output already held these predictions
 
+    def errors_table(self, storage_options: dict[str, Any] | None = None) -> pa.Table:
+        """(row_id, path, reason) of every input that could not be read."""
+        from .commit import errors_of
+
+        return errors_of(self.output, self.manifest, storage_options)
+
 
 def _fingerprint(model_fp: str, preprocessing: dict) -> str:
     h = hashlib.sha256(b"freezeray.predict/2\n")

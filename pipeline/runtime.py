@@ -1,33 +1,168 @@
-"""Ray plumbing shared by the pipeline: connecting, reading the cluster, and turning
-URIs plus ``storage_options`` into the pyarrow filesystems Ray Data and Ray Train take."""
+"""Ray plumbing shared by the pipeline: connecting (quietly, unless asked), reading the
+cluster, and turning URIs plus ``storage_options`` into the pyarrow filesystems Ray Data
+and Ray Train take.
+
+Quiet by default: when freezeray starts or joins Ray itself (:func:`ensure_ray`), Ray's
+own output stays off the terminal: its INFO logging (Ray Data's execution plans and
+progress lines, Ray Train's and Tune's notices), Ray Data's progress bars, the workers'
+output forwarded to the driver, and the C++ core's log lines on stderr (Ray Data 2.60
+logs an ERROR-level notice, "... has constructor arguments in the object store and
+max_restarts > 0", for every actor pool it starts: its own ``_MapWorker`` actors always
+take their context and transformer as object refs). Python-side logs still go to the
+session's log files (Ray Data's ``ray-data.log``). ``FREEZERAY_VERBOSE=1`` or
+:func:`set_verbose` shows everything, as Ray prints it by default.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 
 from surgery import storage
 
-__all__ = ["ensure_ray", "cluster_gpus", "cluster_cpus", "cpu_nodes", "pyarrow_filesystem", "actor_cpus", "ActorPlan", "plan_actors",
-           "actor_memory"]
+__all__ = ["ensure_ray", "set_verbose", "is_verbose", "quiet_ray", "VERBOSE_ENV", "cluster_gpus", "cluster_cpus",
+           "cpu_nodes", "pyarrow_filesystem", "actor_cpus", "ActorPlan", "plan_actors", "actor_memory"]
 
 log = logging.getLogger(__name__)
 
+VERBOSE_ENV = "FREEZERAY_VERBOSE"  # "1": show Ray's own logs, progress bars and worker output
+_BACKEND_LOG_LEVEL = "RAY_BACKEND_LOG_LEVEL"  # read by Ray's C++ logger when a process starts
+_verbose: bool | None = None  # set_verbose's choice; None: the environment's
 
-def ensure_ray(log_to_driver: bool = True) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` or start a local Ray (without the
-    dashboard), unless connected. ``log_to_driver``: show the workers' output here (and
-    Ray's own INFO notices; without it they go to Ray's log files only)."""
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        log.info("connecting to Ray at %s", address or "a new local instance")
-        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False if not address else None,
-                 log_to_driver=log_to_driver, logging_level=logging.INFO if log_to_driver else logging.WARNING)
+
+def set_verbose(on: bool | None = True) -> None:
+    """Show Ray's own output (``on``) or keep it quiet (``False``, the default), for this
+    process; the same as ``FREEZERAY_VERBOSE=1``, which it overrides (``None``: follow the
+    variable again). Takes effect for Ray's Python logging and progress bars at once; for
+    the C++ core's lines and the workers' forwarded output, when freezeray next starts or
+    joins Ray.
+
+    Example:
+        >>> pipeline.set_verbose()          # Ray's logs and progress bars, as Ray prints them
+    """
+    global _verbose
+    _verbose = None if on is None else bool(on)
+    if ray.is_initialized():
+        quiet_ray(is_verbose())
+
+
+def is_verbose() -> bool:
+    """Whether Ray's own output is shown: :func:`set_verbose`'s choice, else
+    ``FREEZERAY_VERBOSE`` (``1``, ``true`` or ``yes``)."""
+    if _verbose is not None:
+        return _verbose
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class _DropNotices(logging.Filter):
+    """Notices a user cannot act on: Ray Data's "progress bars disabled" (freezeray shows
+    its own progress) and Ray 2.60's token-authentication notice for a local instance."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Progress bars disabled") or "Token authentication is enabled" in message)
+
+
+_LOUD: dict[str, Any] = {}  # what quiet_ray changed, to restore on set_verbose(True)
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Keep Ray's Python-side output off the terminal unless ``verbose``: its loggers at
+    WARNING (Ray Data's console handler too; its file handler keeps everything), the
+    notices of :class:`_DropNotices` dropped, Ray Data's progress bars and execution
+    banners off. ``verbose`` restores what an earlier call changed."""
+    import ray.data  # noqa: F401  (configures Ray Data's loggers, which are tuned here)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    handlers = [h for h in logging.getLogger("ray.data").handlers if "File" not in type(h).__name__]
+    if verbose:
+        for name, level in _LOUD.pop("levels", {}).items():
+            logging.getLogger(name).setLevel(level)
+        for handler, level in _LOUD.pop("handlers", []):
+            handler.setLevel(level)
+        for attr, value in _LOUD.pop("context", {}).items():
+            setattr(ctx, attr, value)
+        return
+    first = "levels" not in _LOUD  # what Ray had is saved once, before the first change
+    if first:
+        _LOUD["levels"] = {name: logging.getLogger(name).level for name in ("ray", "ray.train", "ray.tune", "ray.air")}
+        _LOUD["handlers"] = [(h, h.level) for h in handlers]
+        _LOUD["context"] = {"enable_progress_bars": ctx.enable_progress_bars,
+                            "print_on_execution_start": ctx.print_on_execution_start}
+    for name in _LOUD["levels"]:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in handlers:  # Ray Data logs to a file and the console
+        handler.setLevel(logging.WARNING)
+    for handler in handlers + logging.getLogger("ray").handlers:
+        if not any(isinstance(f, _DropNotices) for f in handler.filters):
+            handler.addFilter(_DropNotices())
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+@contextlib.contextmanager
+def _backend_log_level(level: str | None) -> Iterator[None]:
+    """Ray's C++ logging at ``level`` in the processes Ray starts now (unless the user set
+    ``RAY_BACKEND_LOG_LEVEL``): the driver's core reads the variable when it starts, and
+    the processes of a local instance started now (GCS, raylet, and the workers the
+    raylet starts) inherit it, so their C++ log files then hold only fatal errors. The
+    variable is restored afterwards.
+
+    Ray announces the setting on stderr before its own sinks exist (``logging.cc``:
+    "Set ray log level from environment variable ..."); that one line is dropped here, by
+    reading this process's stderr (file descriptor 2) into a temporary file while Ray
+    starts and writing every other line back."""
+    if level is None or _BACKEND_LOG_LEVEL in os.environ:
+        yield
+        return
+    import sys
+    import tempfile
+
+    os.environ[_BACKEND_LOG_LEVEL] = level
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                captured.seek(0)
+                kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                        if _BACKEND_LOG_LEVEL not in line]
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+    finally:
+        os.close(saved)
+        os.environ.pop(_BACKEND_LOG_LEVEL, None)
+
+
+def ensure_ray(log_to_driver: bool | None = None) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` or start a new local Ray (without the
+    dashboard), unless connected; quietly unless ``log_to_driver`` (None:
+    :func:`is_verbose`), as the module docstring says. The Python side (Ray's loggers,
+    Ray Data's progress bars) is quieted on a Ray the caller started too; the C++ lines
+    and the workers' forwarded output follow how that Ray was started."""
+    loud = is_verbose() if log_to_driver is None else bool(log_to_driver)
+    quiet_ray(loud)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    log.info("connecting to Ray at %s", address or "a new local instance")
+    with _backend_log_level(None if loud else "fatal"):
+        # "local": a new instance, as documented; Ray's own default (None) would join whatever
+        # cluster /tmp/ray/ray_current_cluster names, even one that is gone (minutes of retries)
+        ray.init(address=address or "local", ignore_reinit_error=True, include_dashboard=False if not address else None,
+                 log_to_driver=loud, logging_level=logging.INFO if loud else logging.WARNING)
 
 
 def cluster_gpus() -> float:

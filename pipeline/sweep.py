@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import json
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ import torch.fx as fx
 
 import surgery
 from surgery import FineTuneConfiguration, TransferLearning
+from surgery import storage as _storage  # sweep() has a `storage` argument
 from surgery.freeze import is_frozen
 from surgery.graph import VertexError, resolve
 from surgery.helper import split
@@ -49,6 +51,15 @@ from surgery.training import DEFAULT_MAX_EPOCHS, Stopping, run_epochs, tensor_ba
 
 from .features import FeatureSet, split_rows
 from .head import AUTO_VALIDATION, _feature_tensors, _open_features, default_batch_size
+from .runs import (
+    claim_run,
+    data_definition,
+    describe,
+    features_definition,
+    fine_tune_definition,
+    model_definition,
+    restart_run,
+)
 from .train import default_storage, run_name, seed_of
 
 __all__ = ["sweep", "SweepResult", "SWEEP_METRICS", "TRAINING_KEYS"]
@@ -73,6 +84,7 @@ class SweepResult:
     mode: str
     seconds: float
     curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)  # trial -> per-epoch metrics
+    reused: bool = False  # a sweep of the same name and definition had finished: its result, no trial run
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,6 +258,7 @@ def sweep(
     name: str | None = None,
     storage_options: dict[str, Any] | None = None,
     seed: int | None = None,
+    overwrite: bool = False,
 ) -> SweepResult:
     """Try many heads on one feature set with Ray Tune; return every trial and the best model.
 
@@ -265,9 +278,16 @@ def sweep(
         max_concurrent_trials: None: as many as the cluster's CPUs (GPUs) allow.
         use_gpu: one GPU per trial.
         storage, name: where Ray Tune keeps trial results and checkpoints
-            (default ``~/ray_results/sweep-<time>``).
+            (default ``~/ray_results/sweep-<time>``). A sweep under an existing name
+            with the same definition (model, features, validation, fine-tune
+            configuration, space, samples, ranking and training settings; see
+            :mod:`pipeline.runs`) is reused when it finished (no trial runs) and started
+            again when it did not (resuming would unpickle Tune's experiment state, which
+            freezeray never does); with another definition it is refused.
         storage_options: fsspec options for ``features``, ``validation`` and ``storage``.
         seed: seeds every trial the same way (default: the fine-tune configuration's, else 0).
+        overwrite: a sweep named ``name`` with another definition is deleted and this one
+            runs in its place, instead of being refused.
 
     Returns:
         a :class:`SweepResult`: ``table`` (a pandas DataFrame, best trial first),
@@ -276,6 +296,7 @@ def sweep(
     Raises:
         ValueError: an empty space, an unknown setting, values a setting cannot take, or a
             metric the trials never report, all before any trial starts.
+        RunMismatch: ``name`` holds a sweep with another definition (and not ``overwrite``).
 
     Example:
         >>> from ray import tune
@@ -315,6 +336,19 @@ def sweep(
     data = {name_: _arrays(part, fset.feature_columns) for name_, part in (("train", train_part), ("validation", val_part))}
     vertices = list(widths)
     variants = _variants(model, widths)
+    where, run = storage or default_storage(), run_name(name, "sweep")
+    definition = {**model_definition(model, split(model).unfrozen), "features": features_definition(fset),
+                  "validation": data_definition(validation if isinstance(validation, float) else val_set),
+                  "fine_tune": fine_tune_definition(model), "space": describe(dict(space)), "num_samples": num_samples,
+                  "metric": metric, "mode": mode, "epochs": epochs, "batch_size": batch_size,
+                  "early_stopping_patience": early_stopping_patience, "max_epochs": max_epochs,
+                  "scheduler": scheduler, "seed": seed}
+    if claim_run(where, run, "sweep", definition, storage_options, overwrite):
+        done = _load_result(_storage.join(where, run), model, vertices, storage_options, started)
+        if done is not None:
+            log.info("sweep %s: finished before with this definition; reused (no trial ran)", run)
+            return done
+        restart_run(where, run, "sweep", definition, storage_options)  # interrupted: it starts again
     ensure_ray()
     heads = {combo: split(m).unfrozen for combo, m in variants.items()}
     ftc = surgery.get_info(model).fine_tune or FineTuneConfiguration()
@@ -333,8 +367,7 @@ def sweep(
 
         limit = Stopping(epochs, early_stopping_patience, max_epochs).limit
         asha = ASHAScheduler(max_t=limit, grace_period=min(4, limit), reduction_factor=2)
-    fs, path = pyarrow_filesystem(storage or default_storage(), storage_options)
-    run = run_name(name, "sweep")
+    fs, path = pyarrow_filesystem(where, storage_options)
     tuner = tune.Tuner(
         trainable,
         param_space=dict(space),
@@ -349,7 +382,8 @@ def sweep(
     errors = [r.error for r in grid if r.error is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(grid)} trials failed; the first: {errors[0]}")
-    out = _collect(grid, space, metric, mode, variants, vertices, model, ftc, started)
+    out, weights = _collect(grid, space, metric, mode, variants, vertices, started)
+    _save_result(_storage.join(where, run), out, weights, storage_options)
     log.info("sweep %s: %d trials in %.1fs; best %s=%.4f with %s", run, len(out.table), out.seconds, metric,
              out.best_metrics[metric], out.best_config)
     return out
@@ -377,7 +411,8 @@ def _arrays(part: dict[str, np.ndarray], columns: tuple[str, ...]) -> tuple[tupl
 
 
 def _collect(grid: Any, space: Mapping[str, Any], metric: str, mode: str, variants: dict[tuple, fx.GraphModule],
-             vertices: list[str], model: fx.GraphModule, ftc: FineTuneConfiguration, started: float) -> SweepResult:
+             vertices: list[str], started: float) -> tuple[SweepResult, dict[str, torch.Tensor]]:
+    """The result of a finished sweep, and the best trial's best weights."""
     import pandas as pd
     from safetensors.torch import load_file
 
@@ -402,12 +437,58 @@ def _collect(grid: Any, space: Mapping[str, Any], metric: str, mode: str, varian
         raise RuntimeError("no trial reported a result")
     table = pd.DataFrame(rows).sort_values(metric, ascending=mode == "min", kind="stable").reset_index(drop=True)
     result, top, settings = best
-    variant = variants[_width_key(result.config, vertices)]
-    chosen = {k: v for k, v in settings.items() if k in _FTC_KEYS}
-    best_model = TransferLearning(variant).fine_tune_configuration(FineTuneConfiguration.from_dict(chosen)).build() \
-        if chosen else copy.deepcopy(variant)
     with result.checkpoint.as_directory() as d:
         weights = load_file(os.path.join(d, "model.safetensors"))
-    best_model.load_state_dict(weights, strict=False)
-    best_model.eval()
-    return SweepResult(table, settings, best_model, top, metric, mode, time.perf_counter() - started, curves)
+    variant = variants[_width_key(result.config, vertices)]
+    out = SweepResult(table, settings, _best_model(variant, settings, weights), top, metric, mode,
+                      time.perf_counter() - started, curves)
+    return out, weights
+
+
+def _best_model(variant: fx.GraphModule, settings: Mapping[str, Any], weights: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """The best trial's model: its width variant, its fine-tune settings, its best weights."""
+    chosen = {k: v for k, v in settings.items() if k in _FTC_KEYS}
+    model = TransferLearning(variant).fine_tune_configuration(FineTuneConfiguration.from_dict(chosen)).build() \
+        if chosen else copy.deepcopy(variant)
+    model.load_state_dict(weights, strict=False)
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# a finished sweep, kept for reuse (JSON and safetensors: nothing to unpickle)
+
+_RESULT, _WEIGHTS = "freezeray-sweep.json", "freezeray-best.safetensors"
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _save_result(uri: str, out: SweepResult, weights: dict[str, torch.Tensor], storage_options: dict | None) -> None:
+    from safetensors.torch import save
+
+    _storage.write_bytes(_storage.join(uri, _WEIGHTS), save({k: v.contiguous() for k, v in weights.items()}),
+                        storage_options)
+    data = {"table": out.table.to_dict("records"), "columns": list(out.table.columns), "best_config": out.best_config,
+            "best_metrics": out.best_metrics, "metric": out.metric, "mode": out.mode, "seconds": out.seconds,
+            "curves": out.curves}
+    _storage.write_bytes(_storage.join(uri, _RESULT), json.dumps(data, default=_plain).encode(), storage_options)  # last
+
+
+def _load_result(uri: str, model: fx.GraphModule, vertices: list[str], storage_options: dict | None,
+                 started: float) -> SweepResult | None:
+    """The result of a sweep that finished at ``uri``, or None."""
+    import pandas as pd
+    from safetensors.torch import load
+
+    try:
+        data = json.loads(_storage.read_bytes(_storage.join(uri, _RESULT), storage_options))
+        weights = load(_storage.read_bytes(_storage.join(uri, _WEIGHTS), storage_options))
+    except FileNotFoundError:
+        return None
+    settings = data["best_config"]
+    variant = next(iter(_variants(model, {v: [settings[f"{_WIDTH}{v}"]] for v in vertices}).values()))
+    table = pd.DataFrame(data["table"], columns=data["columns"])
+    return SweepResult(table, settings, _best_model(variant, settings, weights), data["best_metrics"], data["metric"],
+                       data["mode"], time.perf_counter() - started, data["curves"], reused=True)

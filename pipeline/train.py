@@ -114,6 +114,7 @@ class FitResult:
     workers: int = 0  # Ray Train workers (0 in local mode)
     startup_s: float = 0.0  # seconds not spent in epochs (reading features, starting workers, checkpoints)
     stages: list["FitResult"] = field(default_factory=list)  # a staged finetune: each stage's own result
+    resumed: bool = False  # the run existed with this definition: it continued (or, finished, returned as it was)
 
 
 # ---------------------------------------------------------------------------------------

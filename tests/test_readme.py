@@ -119,3 +119,81 @@ def test_zoo_names_in_the_readme_are_known(name):
 
     assert name in README
     surgery.zoo.skeleton(name)
+
+
+_TOUR = '''
+import pathlib, sys
+import models  # noqa: F401  (registers tiny_cnn_test)
+from imagesets import write_folder
+
+import surgery, pipeline
+from surgery import TransferLearning, FineTuneConfiguration
+from surgery.layers import Dense, Output
+
+root = pathlib.Path(sys.argv[1])
+write_folder(root / "train", per_class=10, size=20, seed=1, odd_modes=False)
+write_folder(root / "test", per_class=4, size=20, seed=2, odd_modes=False)
+base = surgery.zoo.load("tiny_cnn_test")
+model = (TransferLearning(base)
+         .fine_tune_configuration(FineTuneConfiguration(updater="nesterov", lr=5e-3, seed=123))
+         .set_feature_extractor("flatten")
+         .n_out_replace("fc1", 16, weight_init="xavier")
+         .remove_vertex_and_connections("fc2")
+         .add_layer("fc3", Dense(8, activation="tanh"), "fc1")
+         .add_layer("newpredictions", Output(3, loss="nll"), "fc3")
+         .set_outputs("newpredictions")
+         .build())
+features = pipeline.featurize(model, str(root / "train"), str(root / "features"))
+result = pipeline.fit_head(model, features, storage=str(root / "runs"), name="tour", epochs=3)
+print(result.best_epoch, result.metrics)
+print(pipeline.evaluate(result.model, str(root / "test")).table())
+surgery.save(result.model, str(root / "model"))
+'''
+
+
+def test_the_tour_prints_what_it_prints_and_nothing_of_rays(tmp_path):
+    """The README's tour, small (a tiny model, local folders, without its summary table),
+    run as a script: it prints its own 6 lines and nothing else: none of Ray's INFO logs,
+    progress lines, local-mode notices or C++ core lines (45 lines around 8 before)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FREEZERAY_VERBOSE", "RAY_BACKEND_LOG_LEVEL")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    proc = subprocess.run([sys.executable, "-c", _TOUR, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) <= 15, lines
+    assert proc.stderr == "", proc.stderr
+    best, header, *classes, totals = proc.stdout.splitlines()
+    assert best.split()[0] in ("0", "1", "2") and header.startswith("class ") and totals.startswith("accuracy ")
+    assert [c.split()[0] for c in classes] == ["blue_bar", "green_square", "red_disc"]
+
+
+def test_quiet_by_default_and_verbose_on_request(monkeypatch):
+    import logging
+
+    from ray.data import DataContext
+
+    from pipeline import runtime
+
+    ctx = DataContext.get_current()
+    before = ctx.enable_progress_bars
+    monkeypatch.delenv(runtime.VERBOSE_ENV, raising=False)
+    monkeypatch.setattr(runtime, "_verbose", None)
+    assert not runtime.is_verbose()
+    monkeypatch.setenv(runtime.VERBOSE_ENV, "1")
+    assert runtime.is_verbose()
+    runtime.set_verbose(False)  # the call wins over the environment
+    assert not runtime.is_verbose()
+    try:
+        ctx.enable_progress_bars = True
+        runtime.quiet_ray(False)
+        assert not ctx.enable_progress_bars and logging.getLogger("ray.train").level == logging.WARNING
+        runtime.quiet_ray(True)  # verbose: what quiet_ray changed is put back
+        assert ctx.enable_progress_bars and logging.getLogger("ray.train").level != logging.WARNING
+    finally:
+        runtime.quiet_ray(True)
+        ctx.enable_progress_bars = before

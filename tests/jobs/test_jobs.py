@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from imagesets import write_image_folder
+from imagesets import bad_files, write_image_folder
 from services import die_with_parent, free_port
 
 from jobs.cli import EXIT_CODES, STEPS, classify, main
@@ -227,19 +227,33 @@ def test_a_staged_run_from_yaml_trains_the_head_on_its_features_then_unfreezes(r
               {"frozen": "conv1", "epochs": 1, "lr_slice": [1.0e-5, 1.0e-4]}]
     training = {"mode": "finetune", "stages": stages, "storage": str(tmp_path / "runs"), "run_name": "staged",
                 "augment": ["RandomResizedCrop", {"RandomHorizontalFlip": {"p": 0.5}}], "resources": {"num_workers": 0}}
-    config = _tiny_config(tmp_path, images, tiny_name, training=training, outputs={"model": str(tmp_path / "model")})
+    weights = _tiny_weights(tmp_path / "w.safetensors", tiny_name, 0)  # the same model each time it is built
+    config = _tiny_config(tmp_path, images, tiny_name, weights, training=training,
+                          outputs={"model": str(tmp_path / "model")})
     assert main(["check", config]) == 0
     assert "3 training stages" in capsys.readouterr().out
     assert main(["run", config]) == 0
     assert "training: 3 stages, 4 epochs (local mode)" in capsys.readouterr().out
     assert (tmp_path / "features" / "train" / "manifest.json").exists()  # the first stage's features
     assert not (tmp_path / "features" / "test").exists()  # only what the stages read was featurized
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["staged-stage0", "staged-stage1", "staged-stage2"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".freezeray-output", "staged-stage0",
+                                                                     "staged-stage1", "staged-stage2"]
     import surgery
 
     saved = surgery.load(str(tmp_path / "model"))
     assert saved.get_submodule("conv2").weight.requires_grad  # the last stage's frozen set is kept
     assert not saved.get_submodule("conv1").weight.requires_grad
+
+    assert main(["run", config]) == 0  # the same stages under the same name: each stage run resumed (finished)
+    assert "training: 3 stages, 4 epochs (local mode)" in capsys.readouterr().out
+    changed = yaml.safe_load(Path(config).read_text())
+    changed["training"]["stages"][1]["lr"] = 5.0e-5
+    Path(config).write_text(yaml.safe_dump(changed))
+    assert main(["run", config]) == 2  # stage 0 is the same run; stage 1 is not
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress lines (stage 0: reused, resumed)
+    assert err.startswith(f"error: training.run_name: run 'staged-stage1' at {tmp_path / 'runs' / 'staged-stage1'} was "
+                          "started with another definition (") and "stage.lr 0.0001 -> 5e-05" in err
+    assert "--overwrite (training.overwrite: true)" in err
 
     broken = yaml.safe_load(Path(config).read_text())
     broken["training"]["stages"][1]["unfreeze"] = ["conv9"]
@@ -252,6 +266,33 @@ def test_a_staged_run_from_yaml_trains_the_head_on_its_features_then_unfreezes(r
     Path(config).write_text(yaml.safe_dump(broken))
     assert main(["check", config]) == 2
     assert "training.stages[1].unfreeze: vertex 'conv9' is not in" in capsys.readouterr().err
+
+
+def test_a_run_name_reused_with_another_fine_tune_is_refused_naming_the_change(ray_session, tmp_path, capsys, tiny_name):
+    images = _images(tmp_path / "images", per_class=4, size=16)
+    weights = _tiny_weights(tmp_path / "w.safetensors", tiny_name, 0)
+    config = _tiny_config(tmp_path, images, tiny_name, weights, fine_tune={"seed": 0},
+                          training={"epochs": 2, "storage": str(tmp_path / "runs"), "run_name": "mine"})
+    assert main(["featurize", config]) == 0 and main(["fit", config]) == 0
+    first = capsys.readouterr().out
+    assert "2 epochs" in first and "resumed" not in first
+    assert main(["fit", config]) == 0  # the same name and definition: the same run, resumed (here: finished)
+    assert "(run 'mine' resumed: same name and definition)" in capsys.readouterr().out
+    run = tmp_path / "runs" / "mine"
+    kept = sorted(p.name for p in run.iterdir())
+
+    changed = yaml.safe_load(Path(config).read_text())
+    changed["fine_tune"] = {"seed": 0, "updater": "sgd", "lr": 0.1}
+    Path(config).write_text(yaml.safe_dump(changed))
+    assert main(["fit", config]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: training.run_name: run 'mine' at {run} was started with another definition (fine_tune.lr "
+                   "default -> 0.1; fine_tune.updater 'adam' -> 'sgd'); set training.run_name to another name, or rerun "
+                   "with --overwrite (training.overwrite: true) to start it again\n")
+    assert sorted(p.name for p in run.iterdir()) == kept  # refused: nothing trained, nothing written
+    assert main(["fit", config, "--overwrite"]) == 0
+    assert "resumed" not in capsys.readouterr().out
+    assert main(["fit", config]) == 0 and "resumed" in capsys.readouterr().out  # the new definition is the run's now
 
 
 def test_failures_from_ray_workers_are_classified_by_their_cause():
@@ -274,12 +315,18 @@ def test_failures_from_ray_workers_are_classified_by_their_cause():
 
 
 def test_init_writes_a_config_that_runs_with_a_held_out_split(ray_session, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from pipeline import FeatureSet
+
     images = _images(tmp_path / "photos", per_class=10, size=28)
     (images / "red_disc" / "broken.jpg").write_bytes(b"not a jpeg")
+    for rel, data in bad_files().items():  # a truncated JPEG, an empty file, text named .jpg
+        (images / rel).write_bytes(data)
     assert main(["init", str(images), "--output", str(tmp_path / "run.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "31 images in 3 classes: blue_bar 10, green_square 10, red_disc 11" in out
-    assert "1 unreadable files of 31 checked (broken.jpg)" in out and "80/20 split" in out
+    assert "34 images in 3 classes: blue_bar 10, green_square 11, red_disc 13" in out
+    assert "4 unreadable files of 34 checked" in out and "80/20 split" in out
     text = (tmp_path / "run.yaml").read_text()
     assert text.startswith("# Written by `freezeray init`") and "image_size: 96" in text  # 28 px images
     cfg = load_config(str(tmp_path / "run.yaml"))
@@ -287,11 +334,35 @@ def test_init_writes_a_config_that_runs_with_a_held_out_split(ray_session, tmp_p
     assert main(["run", str(tmp_path / "run.yaml")]) == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "report:" in printed
-    report = (tmp_path / "run-out" / "report" / "report.md").read_text()
-    assert "| blue_bar |" in report and "| green_square |" in report and "| red_disc |" in report
-    evaluation = json.loads((tmp_path / "run-out" / "report" / "evaluation.json").read_text())
-    assert evaluation["rows"] + evaluation["errors"] == 6  # the held-out fifth: 2 images a class
+    report = tmp_path / "run-out" / "report"
+    page = (report / "report.md").read_text()
+    assert "| blue_bar |" in page and "| green_square |" in page and "| red_disc |" in page
+    evaluation = json.loads((report / "evaluation.json").read_text())
+    assert evaluation["rows"] + evaluation["errors"] == 7  # the held-out fifth: 2, 2 and 3 images a class
     assert evaluation["classes"] == ["blue_bar", "green_square", "red_disc"]
+
+    # every error row is counted, and named, wherever the result is shown
+    features = {split: FeatureSet.open(str(tmp_path / "run-out" / "features" / split)) for split in ("train", "test")}
+    rows = {split: f.errors_table() for split, f in features.items()}
+    assert sum(t.num_rows for t in rows.values()) == 4 and rows["test"].num_rows >= 1
+    test_errors = rows["test"].num_rows
+    assert evaluation["errors"] == test_errors
+    assert sorted(e["path"] for e in evaluation["error_examples"]) == sorted(rows["test"].column("path").to_pylist())
+    assert f"on {evaluation['rows']} test images ({test_errors} unreadable)" in printed
+    for split, table in rows.items():
+        if table.num_rows:
+            first = table.column("path").to_pylist()[0].rsplit("/", 1)[-1]
+            line = next(ln for ln in printed.splitlines() if ln.startswith(f"unreadable {split} images: "))
+            assert line.startswith(f"unreadable {split} images: {table.num_rows} ({first}: ")
+            assert line.endswith(f"all in {report}/errors.parquet")
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert {s: e["count"] for s, e in metrics["errors"].items()} == {s: t.num_rows for s, t in rows.items() if t.num_rows}
+    assert metrics["evaluation"]["errors"] == test_errors
+    assert metrics["throughput"]["featurize_test"]["errors"] == test_errors
+    assert f"({test_errors} unreadable)" in page and "## Unreadable images" in page and "4 images could not" in page
+    table = pq.read_table(report / "errors.parquet")
+    assert table.num_rows == 4 and sorted(set(table.column("split").to_pylist())) == sorted(s for s in rows if rows[s].num_rows)
+    assert not any(p.name.startswith("freezeray-") for p in images.iterdir())  # the split went beside the config
 
     empty = tmp_path / "empty"
     (empty / "only").mkdir(parents=True)
@@ -302,6 +373,147 @@ def test_init_writes_a_config_that_runs_with_a_held_out_split(ray_session, tmp_p
         shutil.rmtree(one / cls)
     assert main(["init", str(one), "--output", str(tmp_path / "one.yaml")]) == 2
     assert "a classifier needs at least two" in capsys.readouterr().err
+
+
+def test_run_images_writes_beside_the_folder_and_a_rerun_reuses_its_features(ray_session, tmp_path, capsys):
+    images = _images(tmp_path / "photos", per_class=6, size=16)
+    before = _tree(images)
+    assert main(["run", "--images", str(images), "--debug"]) == 0
+    first = capsys.readouterr()
+    assert "18 images in 3 classes: blue_bar 6, green_square 6, red_disc 6" in first.out
+    config, out = tmp_path / "photos.yaml", tmp_path / "photos-out"
+    assert config.exists() and f"wrote {config}" in first.out
+    assert _tree(images) == before  # nothing written into the image folder
+    for folder in (out, out / "features", out / "runs", out / "model", out / "report"):
+        assert (folder / ".freezeray-output").read_bytes() == b"", folder  # each output folder is marked as one
+    assert main(["run", "--images", str(images)]) == 0  # the second hour: same classes, the features reused
+    second = capsys.readouterr()
+    assert "18 images in 3 classes: blue_bar 6, green_square 6, red_disc 6" in second.out
+    assert "train 15 rows (reused the cached features); test 3 rows (reused the cached features)" in second.out
+    assert _tree(images) == before
+
+    # another preprocessing: the committed features are refused, the hint in the CLI's terms
+    edited = yaml.safe_load(config.read_text())
+    edited["featurize"]["image_size"] = 64
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(edited))
+    assert main(["run", str(other)]) == 5
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: featurize.output: {out / 'features' / 'train'} holds features made another way")
+    assert "rerun with --overwrite (or set featurize.overwrite: true in" in err and "=True" not in err
+    assert len(err.splitlines()) == 1
+    assert main(["run", str(other), "--overwrite"]) == 0
+    assert "train 15 rows (computed" in capsys.readouterr().out
+
+
+def test_init_refuses_to_replace_an_edited_config_without_force(tmp_path, capsys, tiny_name):
+    images = _images(tmp_path / "photos", per_class=4, size=16)
+    config = tmp_path / "run.yaml"
+    assert main(["init", str(images), "--output", str(config), "--model", tiny_name]) == 0
+    written = config.read_text()
+    assert main(["init", str(images), "--output", str(config), "--model", tiny_name]) == 0  # unedited: replaced
+    assert config.read_text() == written
+    capsys.readouterr()
+
+    edited = written.replace("fine_tune: {seed: 0}", "fine_tune: {seed: 0, updater: sgd, lr: 0.1}")
+    config.write_text(edited)
+    assert main(["init", str(images), "--output", str(config), "--model", tiny_name]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {config} was edited since `freezeray init` wrote it; pass --force to replace it, or "
+                   "--output to write another config (your edits would be lost)\n")
+    assert config.read_text() == edited  # refused: nothing changed
+    assert main(["run", "--images", str(images), "--output", str(config), "--model", tiny_name]) == 2
+    assert f"run it as it is with `freezeray run {config}`, or pass --force" in capsys.readouterr().err
+    assert main(["init", str(images), "--output", str(config), "--model", tiny_name, "--force"]) == 0
+    assert config.read_text() == written
+
+    own = tmp_path / "mine.yaml"
+    own.write_text("name: mine\n")
+    assert main(["init", str(images), "--output", str(own), "--model", tiny_name]) == 2
+    assert "was not written by `freezeray init`; pass --force" in capsys.readouterr().err
+    assert own.read_text() == "name: mine\n"
+    assert main(["init", str(images), "--output", str(images / "inside.yaml"), "--model", tiny_name]) == 2
+    assert "would be inside the image folder" in capsys.readouterr().err and not (images / "inside.yaml").exists()
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def test_init_decodes_its_sample_in_full_and_works_on_a_read_only_folder(tmp_path):
+    images = _images(tmp_path / "photos", per_class=5, size=16)
+    for rel, data in bad_files().items():  # a truncated JPEG, an empty file, text named .jpg
+        (images / rel).write_bytes(data)
+    before = _tree(images)
+    for path in [images, *images.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    # root writes anywhere: drop its override of file permissions (CAP_DAC_OVERRIDE) for the command
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a folder read-only for this process")
+        prefix = ["setpriv", "--bounding-set=-dac_override"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    script = "import sys; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
+    try:
+        probe = subprocess.run([*prefix, sys.executable, "-c", f"open({str(images / 'probe')!r}, 'w')"],
+                               capture_output=True, text=True)
+        assert probe.returncode != 0  # the folder is read-only for the command
+        out = tmp_path / "elsewhere"
+        proc = subprocess.run([*prefix, sys.executable, "-c", script, "init", str(images), "--output",
+                               str(out / "run.yaml")], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "3 unreadable files of 18 checked" in proc.stdout  # the truncated JPEG too: decoded in full
+        assert "truncated.jpg: cannot decode image" in proc.stdout and "empty.jpg: empty file" in proc.stdout
+        assert f"written as freezeray-train.csv and freezeray-test.csv in {out / 'run-out' / 'splits'}" in proc.stdout
+        assert _tree(images) == before  # nothing written into the image folder
+        # splits asked for inside the read-only folder: one line, exit 3 (data or storage), not 1 (a bug)
+        proc = subprocess.run([*prefix, sys.executable, "-c", script, "init", str(images), "--output",
+                               str(out / "two.yaml"), "--splits", str(images)], capture_output=True, text=True, env=env)
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stderr.startswith(f"error: cannot write the split manifests to {images}") and \
+            "give --splits DIR" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    finally:
+        for path in [images, *images.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    cfg = load_config(str(out / "run.yaml"))
+    assert cfg.data.allow_outside and cfg.data.test == str(out / "run-out" / "splits" / "freezeray-test.csv")
+    assert (out / "run-out" / ".freezeray-output").read_bytes() == b""
+    assert main(["check", str(out / "run.yaml")]) == 0  # the manifests outside the image folder are read
+    listed = (out / "run-out" / "splits" / "freezeray-test.csv").read_text().splitlines()
+    assert listed[0] == "path,label" and all(line.startswith(str(images) + "/") for line in listed[1:])
+
+
+def test_hints_are_in_the_clis_terms_and_data_options_reach_the_reader(tmp_path, capsys, tiny_name):
+    images = _images(tmp_path / "photos", per_class=2, size=16)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    rows = [f"../photos/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted(images.rglob("*.jpg"))]
+    (lists / "train.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    config = _tiny_config(tmp_path, lists / "train.csv", tiny_name)
+    assert main(["check", config]) == 2
+    err = capsys.readouterr().err
+    assert "data.train: manifest" in err and "set data.allow_outside: true if you trust it" in err and "=True" not in err
+    allowed = yaml.safe_load(Path(config).read_text())
+    allowed["data"]["allow_outside"] = True
+    Path(config).write_text(yaml.safe_dump(allowed))
+    assert main(["check", config]) == 0
+
+
+def test_debug_verbose_and_version_work_before_the_command(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {base: resnet18}\ntraining: {epochs: -1}\n")
+    for argv in (["--debug", "check", str(bad)], ["check", str(bad), "--debug"], ["--verbose", "--debug", "check", str(bad)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "training.epochs: input should be greater than 0" in err, argv
+    assert main(["check", str(bad)]) == 2 and "Traceback" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    from importlib.metadata import version
+
+    assert capsys.readouterr().out == f"freezeray {version('freezeray')}\n"
 
 
 @pytest.mark.parametrize("command", [*STEPS, "check", "init", "summary", "demo"])
