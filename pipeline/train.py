@@ -281,14 +281,16 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     last_write = [time.monotonic()]
     streamed = config.get("_last_batch")
 
-    def on_checkpoint(st: TrainState) -> None:  # mid-epoch, streaming on workers: every worker is at this step
-        metrics = {"epoch": st.epoch, "step": st.step, "partial": True}
+    def report(st: TrainState, metrics: dict[str, Any]) -> None:  # on workers: rank 0 with the checkpoint
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 write_folder(d, checkpoint_files(inner, optimizer, scheduler, st))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+
+    def on_checkpoint(st: TrainState) -> None:  # mid-epoch, streaming on workers: every worker is at this step
+        report(st, {"epoch": st.epoch, "step": st.step, "partial": True})
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         if callback is not None:
             callback({"event": "checkpoint", "epoch": st.epoch, "step": st.step, "rank": rank, "world_size": world})
@@ -298,12 +300,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if st.finished(stopping) or time.monotonic() - last_write[0] >= LOCAL_CHECKPOINT_EVERY_S:
                 written.append(run_folder.write(checkpoint_files(inner, optimizer, scheduler, st)))
                 last_write[0] = time.monotonic()
-        elif rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                write_folder(d, checkpoint_files(inner, optimizer, scheduler, st))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         else:
-            ray.train.report(metrics)
+            report(st, metrics)
         if run_folder is None:
             # A restart resumes from the checkpoints the controller has registered; one it
             # has not processed yet (it polls the workers) would be lost with a worker that
