@@ -40,7 +40,7 @@ from surgery import storage
 __all__ = ["StreamPlan", "plan_stream", "stream_batches", "validation_batches", "CHECKPOINT_EVERY_SHARDS",
            "BUFFER_ROWS", "LastBatch"]
 
-CHECKPOINT_EVERY_SHARDS = 32  # a mid-epoch checkpoint about every this many shards (FREEZERAY_STREAM_CHECKPOINT_SHARDS)
+CHECKPOINT_EVERY_SHARDS = 256  # a mid-epoch checkpoint about every this many shards (FREEZERAY_STREAM_CHECKPOINT_SHARDS)
 BUFFER_ROWS = 16_384  # rows a worker shuffles together (a group), at least
 
 
@@ -138,33 +138,60 @@ def plan_stream(fset: Any, validation: Any, workers: int, batch_size: int, seed:
                       tuple(tuple(s) for s in fset.feature_shapes), workers, batch_size, seed, shuffle, buffer_rows, steps)
 
 
-def _read(plan: StreamPlan, shards: list[tuple[str, int]]) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray]:
-    """(row ids, features as float32 per column, labels) of these shards, concatenated."""
-    from .shards import read_table
+class _Buffer:
+    """Memory for one group, kept and reused: a fresh 100 MB array per group costs its page
+    faults every time (large allocations are mapped anew), more than reading the group."""
 
-    ids, labels, feats = [], [], [[] for _ in plan.columns]
+    def __init__(self, plan: StreamPlan) -> None:
+        self.plan, self.rows = plan, 0
+        self.ids = np.zeros(0, np.int64)
+        self.labels = np.zeros(0, np.int64)
+        self.feats = tuple(np.zeros((0, *s), np.float32) for s in plan.shapes)
+
+    def ensure(self, rows: int) -> None:
+        if rows > len(self.ids):
+            size = int(rows * 1.25)
+            self.ids, self.labels = np.zeros(size, np.int64), np.zeros(size, np.int64)
+            self.feats = tuple(np.zeros((size, *s), np.float32) for s in self.plan.shapes)
+
+
+def _read(plan: StreamPlan, shards: list[tuple[str, int]], buf: _Buffer | None = None
+          ) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray]:
+    """(row ids, features as float32 per column, labels) of these shards, concatenated
+    (into ``buf``'s memory when given)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = buf if buf is not None else _Buffer(plan)
+    total = sum(n for _, n in shards)
+    buf.ensure(total)
+    at = 0
     for uri, rows in shards:
-        table = read_table(uri, plan.storage_options, ["row_id", "label", *plan.columns])
+        data = storage.read_bytes(uri, plan.storage_options)  # one thread: it runs beside the training thread
+        table = pq.read_table(io.BytesIO(data), columns=["row_id", "label", *plan.columns], use_threads=False)
         if table.num_rows != rows:
             raise RuntimeError(f"{uri} holds {table.num_rows} rows where its manifest says {rows}")
-        ids.append(table.column("row_id").to_numpy())
-        labels.append(table.column("label").to_numpy())
-        for f, c in zip(feats, plan.columns):
-            f.append(table.column(c).combine_chunks().to_numpy_ndarray().astype(np.float32, copy=False))
-    return (np.concatenate(ids), tuple(np.concatenate(f) for f in feats), np.concatenate(labels).astype(np.int64))
+        buf.ids[at:at + rows] = table.column("row_id").to_numpy()
+        buf.labels[at:at + rows] = table.column("label").to_numpy()
+        for f, c in zip(buf.feats, plan.columns):
+            np.copyto(f[at:at + rows], table.column(c).combine_chunks().to_numpy_ndarray(), casting="unsafe")
+        at += rows
+    return buf.ids[:total], tuple(f[:total] for f in buf.feats), buf.labels[:total]
 
 
 class _Prefetch:
-    """Reads the groups of a worker's epoch in a background thread, one ahead."""
+    """Reads the groups of a worker's epoch in a background thread, one ahead, into two
+    buffers taken in turn (a group is trained on while the next is read)."""
 
-    def __init__(self, plan: StreamPlan, groups: list[list[int]]) -> None:
-        self.plan, self.groups = plan, groups
+    def __init__(self, plan: StreamPlan, groups: list[list[int]], buffers: tuple[_Buffer, _Buffer]) -> None:
+        self.plan, self.groups, self.buffers = plan, groups, buffers
         self._next: dict[int, Any] = {}
         self._thread: threading.Thread | None = None
 
     def _load(self, g: int) -> None:
         try:
-            self._next[g] = _read(self.plan, [self.plan.shards[i] for i in self.groups[g]])
+            self._next[g] = _read(self.plan, [self.plan.shards[i] for i in self.groups[g]], self.buffers[g % 2])
         except BaseException as exc:  # raised in the training thread when the group is taken
             self._next[g] = exc
 
@@ -192,6 +219,9 @@ class LastBatch:
     ids: list[int] = []
 
 
+_BUFFERS: dict[int, tuple[_Buffer, _Buffer]] = {}  # per plan (by id), for the life of the worker process
+
+
 def stream_batches(plan: StreamPlan, epoch: int, rank: int, start: int = 0, device: Any = None,
                    last: LastBatch | None = None) -> Iterator[Any]:
     """Worker ``rank``'s batches of ``epoch`` from step ``start`` on, exactly
@@ -207,7 +237,10 @@ def stream_batches(plan: StreamPlan, epoch: int, rank: int, start: int = 0, devi
         skipped += counts[g]
         g += 1
     step = skipped
-    reader = _Prefetch(plan, groups)
+    if id(plan) not in _BUFFERS:
+        _BUFFERS.clear()
+        _BUFFERS[id(plan)] = (_Buffer(plan), _Buffer(plan))
+    reader = _Prefetch(plan, groups, _BUFFERS[id(plan)])
     reader.start(g)
     while g < len(groups):
         ids, feats, labels = reader.take(g)
