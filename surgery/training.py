@@ -338,7 +338,7 @@ def run_epochs(
     scheduler: Any,
     config: FineTuneConfiguration,
     specs: Sequence[LossSpec],
-    train: Callable[[int], Iterable[Batch]],
+    train: Callable[..., Iterable[Batch]],
     *,
     validation: Callable[[], Iterable[Batch]] | None = None,
     stopping: Stopping = Stopping(),
@@ -361,7 +361,7 @@ def run_epochs(
             the scheduler is stepped once per epoch.
         config: the fine-tune configuration (penalty, clipping).
         specs: the losses of the model's outputs.
-        train: ``epoch -> batches`` (see :func:`tensor_batches`).
+        train: ``epoch -> batches`` (see :func:`tensor_batches`); ``(epoch, step) -> batches`` from that step.
         validation: ``() -> batches`` of held-out data, scored after each epoch.
         stopping: epochs, patience and the bound for ``epochs=None``.
         state: where a resumed run stands (a fresh run starts at epoch 0).
