@@ -259,7 +259,7 @@ def _window(img: "Image.Image", config: PreprocessConfig, size: tuple[int, int],
     in the original image's coordinates: against resizing the whole image and cropping,
     bilinear differs by rounding (at most 1 level), bicubic and lanczos at a few pixels by
     up to about 10 levels (Pillow takes the box as float32 and rounds and clips the row
-    pass's output; mean < 0.01 on photos), at a fraction of the cost."""
+    pass's output; mean up to 0.15 on photos), at a fraction of the cost."""
     import numpy as np
 
     _, out_h, out_w = config.input_size
@@ -361,7 +361,7 @@ DCT_MARGIN = 1.5
 # the same decoder and filter, only the window resized: rounding) and at a reduced size ("scaled": a box
 # over the DCT block, then the resize filter, against the resize filter alone). Measured
 # on real photos well inside these (tests/surgery/test_preprocess.py).
-JPEG_TOLERANCE = {"full": {"mean": 0.1, "p99": 1}, "scaled": {"mean": 1.5, "p99": 10}}
+JPEG_TOLERANCE = {"full": {"mean": 0.25, "p99": 1}, "scaled": {"mean": 1.5, "p99": 10}}
 
 
 def dct_scale(width: int, height: int, config: PreprocessConfig) -> int:
