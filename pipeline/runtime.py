@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
@@ -27,7 +27,7 @@ import ray
 from surgery import storage
 
 __all__ = ["ensure_ray", "set_verbose", "is_verbose", "quiet_ray", "VERBOSE_ENV", "cluster_gpus", "cluster_cpus",
-           "cpu_nodes", "pyarrow_filesystem", "actor_cpus", "ActorPlan", "plan_actors", "actor_memory"]
+           "cpu_nodes", "pyarrow_filesystem", "actor_cpus", "ActorPlan", "plan_actors", "actor_memory", "CPU_ACTOR_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,14 @@ class ActorPlan:
     cpus: float  # CPUs Ray reserves per actor (logical)
     threads: int | None  # torch intra-op threads per CPU actor (None on GPU)
     decode_cpus: float = 1.0  # CPUs each read/decode task asks for (less on 1-CPU nodes, so they still fit)
+    # environment of the actor processes (Ray's runtime_env env_vars), read when torch loads its
+    # OpenMP runtime: CPU actors get CPU_ACTOR_ENV (see plan_actors)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# OpenMP threads that wait at the end of a parallel region sleep at once instead of spinning
+# (libgomp, which torch's Linux wheels use, spins for a while by default): see plan_actors.
+CPU_ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def plan_actors(resources: Any = None) -> ActorPlan:
@@ -213,6 +221,17 @@ def plan_actors(resources: Any = None) -> ActorPlan:
     CPU reservations leave one CPU per node for the decode tasks; on nodes with a single
     CPU the actor reserves a quarter and the decode tasks three quarters (both would wait
     for each other forever if each asked for a whole CPU).
+
+    Threads that do not fight (issue 24): the actor's torch threads still use every core of
+    the node, the decode tasks run beside them (since the JPEG fast path they need about a
+    tenth of a core per actor core on 224-px efficientnet_lite0), and the actors' OpenMP
+    threads wait passively (:data:`CPU_ACTOR_ENV`). With torch's default (threads spin at
+    each barrier), any other runnable thread on the node (a decode task, another process)
+    stalls every parallel region of the forward pass: on this project's 2-core machine under
+    load, the model alone ran 7.7-9.9 images/s with 2 threads against 23-31 with 1, and
+    ``featurize`` 7.9-22.5 against 17.2-23.2; with passive waiting 2 threads ran 19.8-30.6
+    (see benchmarks/README.md, "Threads"). One thread per actor would lose half the
+    node on a quiet machine (the model alone: 94.5 images/s with 2 threads, about 55 with 1).
     """
     from .resources import Resources
 
@@ -228,13 +247,13 @@ def plan_actors(resources: Any = None) -> ActorPlan:
         per_node = min(nodes)
         cpus = r.cpus_per_worker if r.cpus_per_worker is not None else max(0.25, per_node - 1.0)
         decode = max(0.25, min(1.0, per_node - cpus))
-        return ActorPlan(len(nodes), 0.0, cpus, r.threads_per_worker or max(1, int(per_node)), decode)
+        return ActorPlan(len(nodes), 0.0, cpus, r.threads_per_worker or max(1, int(per_node)), decode, dict(CPU_ACTOR_ENV))
     num_actors = r.num_workers if r.num_workers is not None else max(1, int(cluster_gpus() // gpus))
     if num_actors <= 0:
         raise ValueError(f"num_workers must be a positive integer for model actors, got {num_actors!r}")
     cpus = r.cpus_per_worker if r.cpus_per_worker is not None else actor_cpus(num_actors, gpus > 0)
     threads = None if gpus > 0 else (r.threads_per_worker or max(1, int(cluster_cpus() // num_actors)))
-    return ActorPlan(num_actors, gpus, cpus, threads)
+    return ActorPlan(num_actors, gpus, cpus, threads, env={} if gpus > 0 else dict(CPU_ACTOR_ENV))
 
 
 def pyarrow_filesystem(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
