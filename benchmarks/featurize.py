@@ -144,6 +144,52 @@ def preprocess_rates(sets: dict[str, list[str]], configs: dict[str, Any], repeat
     return rows
 
 
+def jpeg_accuracy(side: int = 1024, image_size: int = 96, seed: int = 0) -> dict[str, Any]:
+    """Does the JPEG fast path cost accuracy? scikit-learn's digits written as ``side``-px
+    JPEGs (so they are DCT-scaled), the demo's split, features of ImageNet
+    efficientnet_lite0 at ``image_size`` from the old and the current preprocessing,
+    logistic regression on each: held-out accuracy side by side. (The digits as PNGs, as
+    the demo and the staged benchmark write them, take the PIL path, pixel for pixel as
+    before.)"""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
+    import surgery
+    from surgery.preprocess import dct_scale, normalize, preprocess_bytes
+
+    from .sweep import demo_model
+
+    digits = load_digits()
+    blobs = []
+    for img in digits.images:
+        light = Image.fromarray((255 - img * 255 / 16).astype(np.uint8)).convert("RGB")  # dark on light, as the demo
+        buf = io.BytesIO()
+        light.resize((side, side), Image.BICUBIC).save(buf, "JPEG", quality=90)
+        blobs.append(buf.getvalue())
+    model = demo_model()
+    config = surgery.get_info(model).preprocessing.with_size(image_size)
+    helper = surgery.TransferLearningHelper(model)
+    idx = np.arange(len(blobs))
+    train, test = train_test_split(idx, test_size=0.25, random_state=seed, stratify=digits.target)
+    out: dict[str, Any] = {"side": side, "image_size": image_size, "dct_scale": dct_scale(side, side, config),
+                           "train": len(train), "test": len(test)}
+    for name, fn in (("before", old_preprocess), ("now", preprocess_bytes)):
+        t = time.thread_time()
+        pixels = np.stack([fn(b, config) for b in blobs])
+        out[f"{name}_preprocess_ms"] = 1e3 * (time.thread_time() - t) / len(blobs)
+        with torch.inference_mode():
+            feats = torch.cat([helper.featurize(normalize(torch.from_numpy(pixels[i:i + 64]), config))
+                               for i in range(0, len(blobs), 64)]).flatten(1).numpy()
+        clf = LogisticRegression(max_iter=3000, C=0.3).fit(feats[train], digits.target[train])
+        out[f"{name}_accuracy"] = float(clf.score(feats[test], digits.target[test]))
+        out[f"{name}_pixels"] = pixels
+    diff = np.abs(out.pop("before_pixels").astype(np.int16) - out.pop("now_pixels"))
+    out["pixel_mean_diff"], out["pixel_p99_diff"] = float(diff.mean()), float(np.percentile(diff, 99))
+    return out
+
+
 class _GpuSampler:
     """Samples GPU utilisation (nvidia-smi's figure, via NVML) while a run is in progress."""
 
@@ -383,8 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--large-images", type=int, default=48, help="2,000-4,000 px JPEGs for the preprocessing rates")
     p.add_argument("--preprocess-only", action="store_true", help="only the preprocessing rates (about a minute)")
     p.add_argument("--thread-plans", type=int, nargs="*", default=[], help="also featurize with these actor thread counts")
+    p.add_argument("--accuracy", action="store_true", help="only the accuracy check of the JPEG fast path (digits as JPEGs)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
+    if a.accuracy:
+        acc = jpeg_accuracy()
+        print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in acc.items()))
+        print(f"wrote {save_json('featurize-accuracy', acc, a.out)}")
+        return 0
     result = run(a.images, a.batch_size, a.threads, a.workers, a.image_size, a.random_weights, a.skip_cpu,
                  a.large_images, a.preprocess_only, tuple(a.thread_plans))
     print(report(result))
