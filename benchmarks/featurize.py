@@ -344,9 +344,13 @@ def run(images: int = 2000, batch_size: int = 64, threads: int | None = None, wo
             base = baseline_featurize(frozen, paths, config.to_dict(), Path(tempfile.mkdtemp()), batch_size, w, threads)
             rows.append({"system": f"plain PyTorch (DataLoader, {w} workers, batch {batch_size}, {threads} threads)", **base})
         best = max(r["images_per_s"] for r in rows)
+        from pipeline import Resources
+        from pipeline.runtime import plan_actors
+
+        plan = plan_actors(Resources(use_gpu=False))
         ours = _with_steady_state(model, root, config, None, None, None, num_gpus=0)
-        rows.append({"system": f"freezeray featurize (defaults: 1 actor, {threads} threads, channels_last, batch 16)",
-                     **ours})
+        rows.append({"system": f"freezeray featurize (defaults: {plan.actors} actor, {plan.threads} threads, "
+                               f"channels_last, batch 16)", **ours})
         rows.append({"system": f"model alone at its best setting ({limit['best_setting']})",
                      "images_per_s": limit["best_images_per_s"]})
         result.update(cpu=rows, limit=limit, ratio=ours["images_per_s"] / best,
