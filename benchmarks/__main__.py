@@ -4,7 +4,7 @@ defaults, printing each table and writing benchmarks/results/<name>.json."""
 import importlib
 import sys
 
-NAMES = ("featurize", "driver", "nodes", "cache", "head", "sweep", "staged", "demo", "scale", "storage")
+NAMES = ("featurize", "driver", "rows", "nodes", "cache", "head", "stream", "sweep", "staged", "demo", "scale", "storage")
 
 
 def main(argv: list[str]) -> int:

@@ -53,8 +53,8 @@ from surgery.training import DEFAULT_MAX_EPOCHS, Stopping
 from .features import FeatureSet, split_rows
 from .resources import Resources
 from .runs import claim_run, data_definition, features_definition, fine_tune_definition, model_definition
+from .stream import plan_stream
 from .train import (
-    WORKER_MEMORY_BYTES,
     FitResult,
     TrainSettings,
     _fmt,
@@ -65,6 +65,7 @@ from .train import (
     run_trainer,
     seed_of,
     training_resources,
+    worker_memory_bytes,
 )
 
 __all__ = ["fit_head", "default_batch_size", "local_limit_bytes", "choose_workers", "AUTO_VALIDATION"]
@@ -245,17 +246,27 @@ def fit_head(
     definition = {**model_definition(model, head), "features": features_definition(fset),
                   "fine_tune": fine_tune_definition(model), "batch_size": batch, "shuffle": shuffle, "seed": seed,
                   "validation": data_definition(val_set if val_set is not None else validation)}
+    in_memory = row_bytes * fset.rows / max(workers, 1) <= worker_memory_bytes()
+    stream = None
+    if workers and not in_memory:  # past a worker's memory: each worker streams its own shards from storage
+        stream = plan_stream(fset, val_set if val_set is not None else validation, workers, batch, seed, shuffle,
+                             storage_options)
+        log.info("fit_head: streaming %d training shards (%d held out) to %d workers, checkpoints every %d steps",
+                 len(stream.shards), len(stream.validation), workers, stream.checkpoint_steps)
     settings = TrainSettings(
         stopping=stopping.to_dict(), batch_size=batch, shuffle=shuffle, seed=seed, inputs="features",
         feature_columns=fset.feature_columns, preprocessing=None, losses=tuple(s.to_dict() for s in specs),
         fine_tune=(surgery.get_info(model).fine_tune or FineTuneConfiguration()).to_dict(),
-        validation=validation is not None, world_size=workers, run=run,
-        storage=where, in_memory=row_bytes * fset.rows / max(workers, 1) <= WORKER_MEMORY_BYTES,
+        validation=validation is not None, world_size=workers, run=run, storage=where, in_memory=in_memory,
+        stream=stream.to_dict() if stream is not None else None,
     )
     resumed = claim_run(where, run, "fit_head", definition, storage_options, overwrite)  # before anything is trained
     if workers == 0:
         result = run_trainer(head, settings, tensors=_local_tensors(fset, val_set, validation, settings),
                              use_gpu=use_gpu, storage_options=storage_options, callback=callback)
+    elif stream is not None:
+        result = run_trainer(head, settings, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                             storage_options=storage_options, max_failures=max_failures, callback=callback)
     else:
         result = _run_workers(head, fset, val_set, validation, settings, use_gpu, cpus_per_worker, storage_options,
                               max_failures, callback)

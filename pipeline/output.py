@@ -249,6 +249,9 @@ def _compute(job: OutputJob, src: ImageSource, plan: Plan, todo: list[PlannedSha
         collect(block=True)
     except Exception as exc:
         raise unwrapped(exc) from exc
+    finally:  # a run that stops (an error, an interrupt) lets the seals it started finish: what it leaves is settled
+        if in_flight:
+            ray.wait(list(in_flight), num_returns=len(in_flight), timeout=60)
     if tracker.unfinished:
         raise RuntimeError(f"the {job.what} run ended with shards {tracker.unfinished[:10]} incomplete")
     return rows

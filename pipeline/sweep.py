@@ -85,6 +85,7 @@ class SweepResult:
     seconds: float
     curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)  # trial -> per-epoch metrics
     reused: bool = False  # a sweep of the same name and definition had finished: its result, no trial run
+    refit: Any = None  # the FitResult of the best configuration trained on every row, when trials ran on a sample
 
 
 # ---------------------------------------------------------------------------------------
@@ -324,7 +325,8 @@ def sweep(
     Stopping(epochs, early_stopping_patience, max_epochs)  # checks them
     seed = seed_of(model, seed)
 
-    table = _feature_tensors(fset, fset.feature_columns)
+    sampled = _sample(fset, seed)
+    table = _feature_tensors(sampled, fset.feature_columns)
     if isinstance(validation, float):
         if not 0.0 < validation < 1.0:
             raise ValueError(f"validation as a fraction must be in (0, 1), got {validation}")
@@ -383,6 +385,9 @@ def sweep(
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(grid)} trials failed; the first: {errors[0]}")
     out, weights = _collect(grid, space, metric, mode, variants, vertices, started)
+    if sampled is not fset:  # trials ran on a sample: the best configuration is trained again on every row
+        out, weights = _refit(out, variants[_width_key({**out.best_config}, vertices)], fset, validation, where, run,
+                              storage_options, seed, base, use_gpu)
     _save_result(_storage.join(where, run), out, weights, storage_options)
     log.info("sweep %s: %d trials in %.1fs; best %s=%.4f with %s", run, len(out.table), out.seconds, metric,
              out.best_metrics[metric], out.best_config)
@@ -445,11 +450,59 @@ def _collect(grid: Any, space: Mapping[str, Any], metric: str, mode: str, varian
     return out, weights
 
 
+def _configured(variant: fx.GraphModule, settings: Mapping[str, Any]) -> fx.GraphModule:
+    """A trial's model: its width variant with its fine-tune settings."""
+    chosen = {k: v for k, v in settings.items() if k in _FTC_KEYS}
+    return TransferLearning(variant).fine_tune_configuration(FineTuneConfiguration.from_dict(chosen)).build() \
+        if chosen else copy.deepcopy(variant)
+
+
+def _sample(fset: FeatureSet, seed: int) -> FeatureSet:
+    """``fset`` itself when its features fit in memory (``fit_head``'s local-mode limit),
+    else a seeded sample of its shards that does: trials train on the sample, and the best
+    configuration is then trained on every row (:func:`_refit`)."""
+    import math
+
+    from .head import local_limit_bytes
+
+    row_bytes = 4 * sum(math.prod(s) for s in fset.feature_shapes)
+    limit = local_limit_bytes()
+    if fset.rows * row_bytes <= limit:
+        return fset
+    order = np.random.default_rng([seed, 13]).permutation(len(fset.shards))
+    chosen, rows = [], 0
+    for i in order:
+        shard = fset.shards[int(i)]
+        if chosen and (rows + shard.rows) * row_bytes > limit:
+            break
+        chosen.append(shard)
+        rows += shard.rows
+    log.info("sweep: %d rows (%.1f GB as float32) are more than %.1f GB: trials train on a seeded sample of %d shards "
+             "(%d rows); the best configuration is then trained on every row", fset.rows, fset.rows * row_bytes / 1e9,
+             limit / 1e9, len(chosen), rows)
+    manifest = fset.manifest.model_copy(update={"shards": sorted(chosen, key=lambda s: s.shard), "rows": rows})
+    return FeatureSet(fset.uri, manifest, fset.storage_options)
+
+
+def _refit(out: SweepResult, variant: fx.GraphModule, fset: FeatureSet, validation: Any, where: str, run: str,
+           storage_options: dict | None, seed: int, base: dict[str, Any], use_gpu: bool) -> tuple[SweepResult, dict]:
+    """The best trial's configuration trained on the whole feature set (``fit_head``, run
+    ``<sweep>-refit``): its model becomes the sweep's ``best_model``."""
+    from .head import fit_head
+
+    settings = out.best_config
+    fit = fit_head(_configured(variant, settings), fset, epochs=settings.get("epochs", base["epochs"]),
+                   batch_size=settings.get("batch_size", None), validation=validation, storage=where, name=f"{run}-refit",
+                   storage_options=storage_options, seed=seed, use_gpu=use_gpu,
+                   early_stopping_patience=settings.get("patience", base["patience"]),
+                   max_epochs=settings.get("max_epochs", base["max_epochs"]))
+    out.best_model, out.refit = fit.model, fit
+    return out, fit.model.state_dict()
+
+
 def _best_model(variant: fx.GraphModule, settings: Mapping[str, Any], weights: dict[str, torch.Tensor]) -> fx.GraphModule:
     """The best trial's model: its width variant, its fine-tune settings, its best weights."""
-    chosen = {k: v for k, v in settings.items() if k in _FTC_KEYS}
-    model = TransferLearning(variant).fine_tune_configuration(FineTuneConfiguration.from_dict(chosen)).build() \
-        if chosen else copy.deepcopy(variant)
+    model = _configured(variant, settings)
     model.load_state_dict(weights, strict=False)
     model.eval()
     return model

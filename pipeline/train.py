@@ -47,13 +47,15 @@ from .checkpoints import (
     write_folder,
 )
 from .resources import Resources
+from .stream import LastBatch
 
 __all__ = ["FitResult", "TrainSettings", "train_loop", "run_trainer", "finish", "training_resources", "run_name",
-           "seed_of", "default_storage", "WORKER_MEMORY_BYTES", "LOCAL_CHECKPOINT_EVERY_S", "CheckpointError"]
+           "seed_of", "default_storage", "WORKER_MEMORY_BYTES", "LOCAL_CHECKPOINT_EVERY_S", "CheckpointError",
+           "worker_memory_bytes"]
 
 log = logging.getLogger(__name__)
 
-WORKER_MEMORY_BYTES = 4 << 30  # a worker holds its part of the features in memory up to this size
+WORKER_MEMORY_BYTES = 4 << 30  # a worker holds its part of the features in memory up to this size (see worker_memory_bytes)
 LOCAL_CHECKPOINT_EVERY_S = 5.0  # local mode checkpoints at most this often, and after the last epoch
 
 
@@ -78,6 +80,7 @@ class TrainSettings:
     in_memory: bool = True  # workers hold their part in memory (else stream it)
     shuffle_buffer: int = 10_000  # rows in the local shuffle buffer when streaming
     augment: tuple[Any, ...] | None = None  # pixels: transforms.v2 (objects or names) applied per epoch; None: off
+    stream: dict[str, Any] | None = None  # features streamed by each worker from the shards (pipeline.stream.StreamPlan)
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
@@ -115,6 +118,13 @@ class FitResult:
     startup_s: float = 0.0  # seconds not spent in epochs (reading features, starting workers, checkpoints)
     stages: list["FitResult"] = field(default_factory=list)  # a staged finetune: each stage's own result
     resumed: bool = False  # the run existed with this definition: it continued (or, finished, returned as it was)
+
+
+def worker_memory_bytes() -> int:
+    """The most feature bytes (as float32) a Ray Train worker reads into memory; past it each
+    worker streams its shards (:mod:`pipeline.stream`). Override: ``FREEZERAY_WORKER_MEMORY_BYTES``."""
+    override = os.environ.get("FREEZERAY_WORKER_MEMORY_BYTES")
+    return int(float(override)) if override else WORKER_MEMORY_BYTES
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,6 +183,13 @@ def _data(config: dict[str, Any], s: TrainSettings, rank: int, device: torch.dev
     import ray.train
 
     pre = PreprocessConfig.from_dict(s.preprocessing) if s.preprocessing else None
+    if s.stream is not None:  # each worker reads its own shards from storage
+        from .stream import StreamPlan, stream_batches, validation_batches
+
+        plan = StreamPlan.from_dict(s.stream)
+        last = config.setdefault("_last_batch", LastBatch())
+        return ((lambda epoch, start=0: stream_batches(plan, epoch, rank, start, device, last)),
+                (lambda: validation_batches(plan, rank, device)) if plan.validation else None)
     if s.world_size == 0 and config.get("tensors") is not None:  # local mode on features: tensors read by the driver
         (x, y), val = config["tensors"]["train"], config["tensors"].get("validation")
         train = tensor_batches(tuple(t.to(device) for t in x), y.to(device), s.batch_size, shuffle=s.shuffle, seed=s.seed)
@@ -241,7 +258,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             log.warning("skipped bad checkpoints (%s); resuming from %s", "; ".join(skipped), used)
         if callback is not None:
             callback({"event": "resume", "rank": rank, "world_size": world, "checkpoint": used,
-                      "epoch": state.epoch - 1, "skipped": skipped})
+                      "epoch": state.epoch - 1, "step": state.step, "skipped": skipped})
         model.load_state_dict(weights, strict=True)
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
@@ -256,22 +273,35 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if ftc.mixed_precision and autocast is None:
         log.warning("mixed_precision=%r: not available on %s (fp16 needs CUDA, bf16 a GPU or a CPU with native bf16); "
                     "training in float32", ftc.mixed_precision, device)
+    if state is not None and state.step and rank != 0:  # rank 0's copy of the sums so far counts every worker's
+        state.partial = None
     train, validation = _data(config, s, rank, device)
     run_folder = RunFolder(s.storage, s.run, storage_options) if s.world_size == 0 else None
     written: list[str] = []
     last_write = [time.monotonic()]
+    streamed = config.get("_last_batch")
+
+    def report(st: TrainState, metrics: dict[str, Any]) -> None:  # on workers: rank 0 with the checkpoint
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                write_folder(d, checkpoint_files(inner, optimizer, scheduler, st))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+    def on_checkpoint(st: TrainState) -> None:  # mid-epoch, streaming on workers: every worker is at this step
+        report(st, {"epoch": st.epoch, "step": st.step, "partial": True})
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        if callback is not None:
+            callback({"event": "checkpoint", "epoch": st.epoch, "step": st.step, "rank": rank, "world_size": world})
 
     def on_epoch(st: TrainState, metrics: dict[str, Any]) -> None:
         if run_folder is not None:  # Ray Train's local mode persists nothing: write it ourselves
             if st.finished(stopping) or time.monotonic() - last_write[0] >= LOCAL_CHECKPOINT_EVERY_S:
                 written.append(run_folder.write(checkpoint_files(inner, optimizer, scheduler, st)))
                 last_write[0] = time.monotonic()
-        elif rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                write_folder(d, checkpoint_files(inner, optimizer, scheduler, st))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         else:
-            ray.train.report(metrics)
+            report(st, metrics)
         if run_folder is None:
             # A restart resumes from the checkpoints the controller has registered; one it
             # has not processed yet (it polls the workers) would be lost with a worker that
@@ -281,12 +311,16 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             callback({"event": "epoch_end", "epoch": metrics["epoch"], "rank": rank, "world_size": world, "metrics": metrics})
 
     def on_batch(epoch: int, step: int, result: Any) -> None:
-        callback({"event": "batch_end", "epoch": epoch, "step": step, "rank": rank, "world_size": world,  # type: ignore[misc]
-                  "loss": result.loss})
+        event = {"event": "batch_end", "epoch": epoch, "step": step, "rank": rank, "world_size": world, "loss": result.loss}
+        if streamed is not None:
+            event["row_ids"] = list(streamed.ids)
+        callback(event)  # type: ignore[misc]
 
+    every = int(s.stream["checkpoint_steps"]) if s.stream is not None and s.world_size > 0 else 0
     state = run_epochs(model, optimizer, scheduler, ftc, specs, train, validation=validation, stopping=stopping,
                        state=state, inner=inner, reduce=lambda v: _allreduce(v, device), on_epoch=on_epoch,
-                       on_batch=on_batch if callback is not None else None, autocast=autocast, scaler=scaler)
+                       on_batch=on_batch if callback is not None else None, autocast=autocast, scaler=scaler,
+                       checkpoint_every=every, on_checkpoint=on_checkpoint)
     if s.world_size == 0:  # local mode: hand the state back to the driver directly
         return {"state": state, "weights": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
                 "checkpoint": written[-1] if written else used}

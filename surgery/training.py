@@ -103,16 +103,19 @@ class TrainState:
     waited: int = 0  # epochs since the last improvement
     stopped: bool = False  # early stopping ended the run
     best_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # the trained module's state at best_epoch
+    step: int = 0  # steps of ``epoch`` already taken (a checkpoint taken mid-epoch)
+    partial: list[float] | None = None  # with ``step``: the epoch's metric sums so far, over every worker
 
     def meta(self) -> dict[str, Any]:
         """The JSON-able part (everything but the weights)."""
         return {"epoch": self.epoch, "history": self.history, "best": self.best, "best_epoch": self.best_epoch,
-                "waited": self.waited, "stopped": self.stopped}
+                "waited": self.waited, "stopped": self.stopped, "step": self.step, "partial": self.partial}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], best_weights: dict[str, torch.Tensor] | None = None) -> "TrainState":
         return cls(int(meta["epoch"]), list(meta["history"]), float(meta["best"]), meta.get("best_epoch"),
-                   int(meta["waited"]), bool(meta["stopped"]), best_weights)
+                   int(meta["waited"]), bool(meta["stopped"]), best_weights, int(meta.get("step") or 0),
+                   meta.get("partial"))
 
     def finished(self, stopping: Stopping) -> bool:
         return self.stopped or self.epoch >= stopping.limit
@@ -180,6 +183,8 @@ def train_step(model: nn.Module, inputs: Sequence[torch.Tensor], targets: Any, o
     """
     inner = inner if inner is not None else model
     tgts = output_targets(specs, targets)
+    if int(tgts[0].shape[0]) == 0:
+        return _empty_step(model, inputs, optimizer, specs, inner, scaler)
     saved = _norm_statistics(inner)
     try:
         with autocast if autocast is not None else contextlib.nullcontext(), emit_logits(inner):
@@ -205,6 +210,25 @@ def train_step(model: nn.Module, inputs: Sequence[torch.Tensor], targets: Any, o
         optimizer.step()
     rows = int(tgts[0].shape[0])
     return StepResult(float(loss.detach()), corrects[0], rows, tuple(float(t.detach()) for t in terms), corrects)
+
+
+def _empty_step(model: nn.Module, inputs: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
+                specs: Sequence[LossSpec], inner: nn.Module, scaler: Any) -> StepResult:
+    """A step without rows, taken by a worker whose rows ran out while the others still
+    have some (DDP needs every worker in every step): a forward through the model, a zero
+    loss, zero gradients to average, the same optimizer step as the others."""
+    with emit_logits(inner):
+        outs = _outputs(model(*inputs))
+    zero = sum((o.float().sum() * 0.0 for o in outs), torch.zeros((), device=outs[0].device))
+    optimizer.zero_grad(set_to_none=False)
+    if scaler is not None:
+        scaler.scale(zero).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        zero.backward()
+        optimizer.step()
+    return StepResult(0.0, 0, 0, tuple(0.0 for _ in specs), tuple(0 for _ in specs))
 
 
 def _score(model: nn.Module, batches: Iterable[Batch], specs: Sequence[LossSpec], autocast: Any = None) -> list[float]:
@@ -314,7 +338,7 @@ def run_epochs(
     scheduler: Any,
     config: FineTuneConfiguration,
     specs: Sequence[LossSpec],
-    train: Callable[[int], Iterable[Batch]],
+    train: Callable[..., Iterable[Batch]],
     *,
     validation: Callable[[], Iterable[Batch]] | None = None,
     stopping: Stopping = Stopping(),
@@ -325,6 +349,8 @@ def run_epochs(
     on_batch: Callable[[int, int, StepResult], None] | None = None,
     autocast: Any = None,
     scaler: Any = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
 ) -> TrainState:
     """Train epoch after epoch until ``stopping`` says so. Returns the final state, whose
     ``best_weights`` are the trained module's state at its best epoch.
@@ -335,7 +361,7 @@ def run_epochs(
             the scheduler is stepped once per epoch.
         config: the fine-tune configuration (penalty, clipping).
         specs: the losses of the model's outputs.
-        train: ``epoch -> batches`` (see :func:`tensor_batches`).
+        train: ``epoch -> batches`` (see :func:`tensor_batches`); ``(epoch, step) -> batches`` from that step.
         validation: ``() -> batches`` of held-out data, scored after each epoch.
         stopping: epochs, patience and the bound for ``epochs=None``.
         state: where a resumed run stands (a fresh run starts at epoch 0).
@@ -345,6 +371,11 @@ def run_epochs(
             (checkpointing and reporting happen there); the metrics include
             ``stopped_early`` and ``best`` (this epoch is the best so far).
         on_batch: called as ``on_batch(epoch, step, result)`` after each step.
+        checkpoint_every, on_checkpoint: every ``checkpoint_every`` steps of an epoch,
+            ``on_checkpoint(state)`` with ``state.step`` the steps taken and
+            ``state.partial`` the epoch's sums so far (reduced over the workers, who all
+            get there in the same step). A state with ``step`` resumes that epoch there:
+            ``train(epoch, step)`` gives the batches from that step on.
     """
     inner = inner if inner is not None else model
     state = state if state is not None else TrainState()
@@ -354,8 +385,10 @@ def run_epochs(
         epoch = state.epoch
         started = time.perf_counter()
         model.train()
-        sums = [0.0] * (3 + 2 * len(specs))  # loss sum, correct, rows, then each output's loss sum and correct
-        for step, (inputs, y) in enumerate(train(epoch)):
+        size = 3 + 2 * len(specs)  # loss sum, correct, rows, then each output's loss sum and correct
+        start = state.step
+        sums = list(state.partial) if start and state.partial is not None else [0.0] * size
+        for step, (inputs, y) in enumerate(train(epoch, start) if start else train(epoch), start=start):
             result = train_step(model, inputs, y, optimizer, config, specs, inner=inner, autocast=autocast, scaler=scaler)
             sums[0] += result.loss * result.rows
             sums[1] += result.correct
@@ -365,6 +398,10 @@ def run_epochs(
                 sums[4 + 2 * i] += ok
             if on_batch is not None:
                 on_batch(epoch, step, result)
+            if checkpoint_every and on_checkpoint is not None and (step + 1) % checkpoint_every == 0:
+                state.step, state.partial = step + 1, reduce(list(sums))
+                on_checkpoint(state)
+        state.step, state.partial = 0, None
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         total = reduce(sums)

@@ -125,3 +125,14 @@ def test_rows_benchmark(ray_session):
     plan = result["planning"]
     assert plan["rows"] == 12_000 and plan["summaries"] == 40 * 3 and plan["incremental_to_compute"] == 4
     assert "of the full run" in rows.report(result)
+
+
+@pytest.mark.slow
+def test_stream_benchmark(ray_session):
+    from benchmarks import stream
+
+    result = stream.run(rows=3000, factor=2, workers=1, epochs=1, batch_size=256)
+    memory, streamed, large = result["rows"]
+    assert (memory["mode"], streamed["mode"], large["rows"]) == ("in memory", "streaming", 6000)
+    assert result["rows_per_s_ratio"] == streamed["rows_per_s"] / memory["rows_per_s"]
+    assert "streaming / in memory" in stream.report(result)

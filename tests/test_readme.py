@@ -183,6 +183,7 @@ def test_quiet_by_default_and_verbose_on_request(monkeypatch):
     before = ctx.enable_progress_bars
     monkeypatch.delenv(runtime.VERBOSE_ENV, raising=False)
     monkeypatch.setattr(runtime, "_verbose", None)
+    monkeypatch.setattr(runtime, "_LOUD", {})  # what an earlier quiet_ray in this process saved is not this test's
     assert not runtime.is_verbose()
     monkeypatch.setenv(runtime.VERBOSE_ENV, "1")
     assert runtime.is_verbose()

@@ -85,3 +85,21 @@ def test_a_config_sweep_runs_from_the_cli_and_reports_its_trials(ray_session, tm
     assert (tmp_path / "report" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "report" / "sweep.csv").read_text().splitlines()) == 4
     assert surgery.load(str(tmp_path / "model")).fc2.linear.out_features == 3
+
+
+@pytest.mark.slow
+def test_a_set_too_large_for_memory_is_swept_on_a_sample_and_the_best_refit_on_every_row(tiny, hidden, tmp_path,
+                                                                                        monkeypatch):
+    from pipeline import featurize
+
+    fset = featurize(tiny["model"], str(tiny["root"] / "train"), str(tmp_path / "f"), dtype="float32", shard_rows=10)
+    assert len(fset.shards) == 6 and fset.rows == 60
+    monkeypatch.setenv("FREEZERAY_LOCAL_LIMIT_BYTES", str(25 * 64 * 4))  # 25 rows of 64 float32 values fit
+    result = sweep(hidden, fset, {"lr": tune.grid_search([1e-3, 3e-2])}, validation=tiny["val"], epochs=3,
+                   storage=str(tmp_path / "runs"), name="big")
+    trial_rows = {c[-1]["rows"] for c in result.curves.values()}
+    assert trial_rows == {20}  # the trials trained on a seeded sample of 2 shards
+    assert result.refit is not None and [h["rows"] for h in result.refit.history] == [60, 60, 60]  # the best, on all
+    assert surgery.get_info(result.best_model).fine_tune.lr == result.best_config["lr"]
+    refit = result.refit.model.state_dict()
+    assert all(torch.equal(v, refit[k]) for k, v in result.best_model.state_dict().items())

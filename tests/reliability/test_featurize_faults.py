@@ -131,18 +131,23 @@ print("FINISHED")
 """
 
 
-def test_a_driver_killed_mid_run_is_resumed_from_its_committed_shards(ray_session, s3, images, model, tmp_path,
-                                                                      ledger):
+def _start_driver(model, source: str, out: str, s3, tmp_path) -> subprocess.Popen:
+    """A featurize of ``source`` into ``out`` in a driver process of its own, on the session's Ray."""
     import ray
 
-    source, files = images
-    out = "s3://fault-images/killed-driver"
     surgery.save(model, str(tmp_path / "model"))
     env = {**os.environ, "FREEZERAY_TEST_JOB": json.dumps({
         "address": ray.get_runtime_context().gcs_address, "model": str(tmp_path / "model"), "source": source,
         "output": out, "storage_options": s3.storage_options})}
-    driver = subprocess.Popen([sys.executable, "-c", _DRIVER], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-c", _DRIVER], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def test_a_driver_killed_mid_run_is_resumed_from_its_committed_shards(ray_session, s3, images, model, tmp_path,
+                                                                      ledger):
+    source, files = images
+    out = "s3://fault-images/killed-driver"
+    driver = _start_driver(model, source, out, s3, tmp_path)
     fs = s3.filesystem()
     deadline = time.monotonic() + 180
     try:
@@ -187,16 +192,9 @@ def tar_images(s3):
 
 
 def test_a_driver_killed_mid_run_over_tar_shards_resumes_by_shard(ray_session, s3, tar_images, model, tmp_path, ledger):
-    import ray
-
     source, files = tar_images
     out = "s3://fault-tars/killed-driver"
-    surgery.save(model, str(tmp_path / "model"))
-    env = {**os.environ, "FREEZERAY_TEST_JOB": json.dumps({
-        "address": ray.get_runtime_context().gcs_address, "model": str(tmp_path / "model"), "source": source,
-        "output": out, "storage_options": s3.storage_options})}
-    driver = subprocess.Popen([sys.executable, "-c", _DRIVER], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
+    driver = _start_driver(model, source, out, s3, tmp_path)
     deadline = time.monotonic() + 180
     try:
         while len(sealed_shards(out, s3.storage_options)) < 4:
