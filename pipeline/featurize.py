@@ -379,6 +379,7 @@ def _actors(frozen: fx.GraphModule, src: ImageSource, shards: list[tuple[int, An
                                "writer": writer},
         compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
         memory=actor_memory(frozen, config, batch),
+        **({"runtime_env": {"env_vars": pool.env}} if pool.env else {}),
     )
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from surgery import storage
-from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, decode_image, resize_crop
+from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, preprocess_bytes
 
 from .formats import Cut, ImageSource, ReadOptions, parse_label, resolve_paths, sample_label, samples
 
@@ -151,7 +151,7 @@ def decode_payloads(payloads: list[Any], errors: list[str], config: PreprocessCo
         if errors[i]:
             continue
         try:
-            pixels[i] = resize_crop(decode_image(blob, c, max_pixels), config).reshape(h, w, c)
+            pixels[i] = preprocess_bytes(blob, config, max_pixels).reshape(h, w, c)
         except Exception as exc:  # a bad file is an error row, never a failed job
             errors[i] = str(exc) or type(exc).__name__
     return {"pixels": pixels, "error": np.asarray(errors, dtype=object)}
