@@ -26,7 +26,7 @@ import ray
 
 from surgery import storage
 
-__all__ = ["ensure_ray", "set_verbose", "is_verbose", "quiet_ray", "VERBOSE_ENV", "cluster_gpus", "cluster_cpus",
+__all__ = ["ensure_ray", "worker_env", "FORWARDED_PREFIX", "set_verbose", "is_verbose", "quiet_ray", "VERBOSE_ENV", "cluster_gpus", "cluster_cpus",
            "cpu_nodes", "pyarrow_filesystem", "actor_cpus", "ActorPlan", "plan_actors", "actor_memory", "CPU_ACTOR_ENV"]
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,26 @@ def actor_cpus(num_actors: int, gpu: bool, reserve: float = 1.0) -> float:
         return 1.0
     free = max(0.25 * num_actors, cluster_cpus() - reserve)
     return max(0.25, math.floor(4 * free / num_actors) / 4)
+
+
+FORWARDED_PREFIX = "FREEZERAY_"  # the driver's settings of this prefix reach the tasks and actors freezeray starts
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """Ray remote options (``runtime_env`` env_vars) giving the tasks and actors freezeray
+    starts the driver's ``FREEZERAY_*`` settings, and ``extra``; ``{}`` when there are none.
+
+    Ray does not pass a driver's environment to its workers: on a cluster they have the
+    environment their raylet started with, and a local instance's workers the one of the
+    process that started it. So a setting such as ``FREEZERAY_IO_RETRY_SECONDS`` made in the
+    driver (or changed after Ray started) would hold for the driver's own storage calls
+    and not for the actors writing shards. Forwarded, every part of a run follows the
+    driver's settings. Ray keeps separate worker processes per distinct environment, so a
+    run with no such settings starts no extra processes.
+    """
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIX)}
+    env.update(extra or {})
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 @dataclass(frozen=True)
