@@ -78,3 +78,26 @@ def lite0_imagenet():
     import surgery
 
     return surgery.zoo.load("efficientnet_lite0", weights="imagenet")
+
+
+_LEDGER: list[dict] = []  # the passing reliability cases of this run, as their reports arrived
+
+
+def pytest_runtest_logreport(report):
+    """A passing reliability case's ledger entry (see ``tests/reliability/conftest.py``): it
+    travels in the report, so under ``pytest -n`` the controller gets the workers' cases."""
+    if report.when == "call" and report.passed:
+        _LEDGER.extend(value for key, value in report.user_properties if key == "reliability_case")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _LEDGER:
+        return
+    cases, tr = _LEDGER, terminalreporter
+    tr.write_sep("=", "reliability ledger")
+    for c in cases:
+        tr.write_line(f"{c['name']}: tried {c['tried']}; checked {c['checked']}; inputs {c['inputs']}; "
+                      f"faults {c['faults']}; rows {c['rows_checked']}, lost {c['rows_lost']}")
+    total = {k: sum(c[k] for c in cases) for k in ("inputs", "faults", "rows_checked", "rows_lost")}
+    tr.write_line(f"cases {len(cases)}, bad or hostile inputs {total['inputs']}, faults injected {total['faults']}, "
+                  f"rows checked {total['rows_checked']}, rows lost {total['rows_lost']}")

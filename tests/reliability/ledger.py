@@ -1,6 +1,6 @@
 """The reliability suite's ledger: each case records what it tried, what it checked, the
-faults it injected and the rows it accounted for; ``conftest.py`` prints the totals at the
-end of the run (the README's reliability figures come from there). Also the two checks the
+faults it injected and the rows it accounted for; ``tests/conftest.py`` prints them and the
+totals at the end of the run (the README's reliability figures come from there). Also the two checks the
 cases share: every row accounted for, and features equal to a direct computation."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Case:
     rows_lost: int
 
 
-LEDGER: list[Case] = []
+LEDGER_PROPERTY = "reliability_case"  # the user_properties key a case travels under (tests/conftest.py prints them)
 
 
 def account(fset, n_inputs: int, expected: np.ndarray | None = None) -> tuple[int, int, int]:
