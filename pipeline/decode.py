@@ -19,11 +19,20 @@ other package (DALI and nvImageCodec are CUDA-version-specific wheels), decodes 
 one call, and the resize/crop stay in torch on the same device. The CPU device runs the
 same code (libjpeg-turbo), which is how it is tested on machines without a GPU; there its
 pixels match PIL's within the tolerance :data:`PIXEL_TOLERANCE` states.
+
+torchvision 0.29 deprecates its image decoding (a ``DeprecationWarning`` on every call) in
+favour of TorchCodec. It is kept, with that one warning silenced around the call, because
+it ships with the pinned torchvision and has run here, while TorchCodec (``torchcodec``
+0.17 works with torch 2.14.1) would be one more CUDA-specific wheel whose batched GPU JPEG
+decoding has not been measured on this project's GPU machines; ``benchmarks/gpu.py``
+measures this path, and is where a switch would be checked. The CPU read tasks do not use
+torchvision at all (:func:`surgery.preprocess.preprocess_bytes`, torch-free).
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -76,6 +85,16 @@ def resize_crop_tensor(img: torch.Tensor, config: PreprocessConfig) -> torch.Ten
     return img[:, top:top + out_h, left:left + out_w].permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
 
 
+def _decode_jpeg(data: Any, **kwargs: Any) -> Any:
+    """``torchvision.io.decode_jpeg`` without its deprecation warning (see the module docstring)."""
+    from torchvision.io import decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
+        return decode_jpeg(data, **kwargs)
+
+
 def _cpu(data: bytes, config: PreprocessConfig, max_pixels: int | None, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(preprocess_bytes(data, config, max_pixels)).to(device)
 
@@ -91,7 +110,7 @@ def decode_batch(blobs: Sequence[bytes | None], errors: Sequence[str], config: P
     Returns:
         (B, H, W, C) uint8 pixels on ``device`` (zeros for error rows) and the error of each row.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode
 
     c, h, w = config.input_size
     errors = list(errors)
@@ -115,11 +134,11 @@ def decode_batch(blobs: Sequence[bytes | None], errors: Sequence[str], config: P
     if jpegs:
         tensors = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs]  # type: ignore[arg-type]
         try:
-            decoded = dict(zip(jpegs, decode_jpeg(tensors, mode=mode, device=device)))
+            decoded = dict(zip(jpegs, _decode_jpeg(tensors, mode=mode, device=device)))
         except Exception:  # one bad file fails the batched call: decode them one by one
             for i, t in zip(jpegs, tensors):
                 try:
-                    decoded[i] = decode_jpeg(t, mode=mode, device=device)
+                    decoded[i] = _decode_jpeg(t, mode=mode, device=device)
                 except Exception:
                     pass  # the CPU path decides
     for i, data in enumerate(blobs):

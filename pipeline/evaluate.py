@@ -237,12 +237,12 @@ def _score(ds: Any, model: fx.GraphModule, kwargs: dict[str, Any], pool: Any, ba
     import ray
     import ray.data
 
-    from .runtime import actor_memory
+    from .runtime import actor_memory, worker_env
 
     kwargs = {**kwargs, "model": [ray.put(model)], "threads": pool.threads}
     return ds.map_batches(Scorer, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=kwargs,
                           compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
-                          memory=actor_memory(model, config, batch_size))
+                          memory=actor_memory(model, config, batch_size), **worker_env(pool.env))
 
 
 def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batch_size: int, resources: Resources | None,

@@ -358,7 +358,7 @@ def _actors(frozen: fx.GraphModule, src: ImageSource, shards: list[tuple[int, An
     actors writing slices; a dataset of slice summaries."""
     import ray
 
-    from .runtime import actor_memory, plan_actors
+    from .runtime import actor_memory, plan_actors, worker_env
 
     config = s["config"]
     pool = plan_actors(s["resources"])
@@ -379,6 +379,7 @@ def _actors(frozen: fx.GraphModule, src: ImageSource, shards: list[tuple[int, An
                                "writer": writer},
         compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.gpus, num_cpus=pool.cpus,
         memory=actor_memory(frozen, config, batch),
+        **worker_env(pool.env),
     )
 
 

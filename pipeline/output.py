@@ -186,7 +186,9 @@ def _rewrites(job: OutputJob, plan: Plan) -> list[Any]:
     """Ray tasks writing the shards that change without model work (files gone, classes changed)."""
     import ray
 
-    task = ray.remote(num_cpus=0, max_retries=3)(rewrite)
+    from .runtime import worker_env
+
+    task = ray.remote(num_cpus=0, max_retries=3, **worker_env())(rewrite)
     out = []
     for s in plan.of("rewrite"):
         assert s.kept is not None
@@ -210,6 +212,8 @@ def _compute(job: OutputJob, src: ImageSource, plan: Plan, todo: list[PlannedSha
     """Compute ``todo`` with the model actors, sealing each shard as its last slice arrives."""
     import ray
 
+    from .runtime import worker_env
+
     from .shards import SliceWriter
 
     if src.sharded:
@@ -221,7 +225,7 @@ def _compute(job: OutputJob, src: ImageSource, plan: Plan, todo: list[PlannedSha
     summaries = compute(shards, writer.to_dict(), plan.stride)
     tracker = Tracker({s.number: None for s in todo})
     planned = {s.number: s for s in todo}
-    sealer = ray.remote(num_cpus=0, max_retries=3)(seal)
+    sealer = ray.remote(num_cpus=0, max_retries=3, **worker_env())(seal)
     schema_bytes = schema.serialize().to_pybytes()
     in_flight: dict[Any, int] = {}
     rows = 0

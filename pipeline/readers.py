@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from surgery import storage
-from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, decode_image, resize_crop
+from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, preprocess_bytes
 
 from .formats import Cut, ImageSource, ReadOptions, parse_label, resolve_paths, sample_label, samples
 
@@ -151,7 +151,7 @@ def decode_payloads(payloads: list[Any], errors: list[str], config: PreprocessCo
         if errors[i]:
             continue
         try:
-            pixels[i] = resize_crop(decode_image(blob, c, max_pixels), config).reshape(h, w, c)
+            pixels[i] = preprocess_bytes(blob, config, max_pixels).reshape(h, w, c)
         except Exception as exc:  # a bad file is an error row, never a failed job
             errors[i] = str(exc) or type(exc).__name__
     return {"pixels": pixels, "error": np.asarray(errors, dtype=object)}
@@ -366,7 +366,7 @@ def rows_dataset(src: ImageSource, shards: list[tuple[int, Any]], spec: ReadSpec
         items = [{"shard": n, "kind": s.kind, "uri": s.uri} for n, s in shards]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         return ds.map_batches(shard_rows, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec.to_dict()},
-                              num_cpus=num_cpus, memory=memory)
+                              num_cpus=num_cpus, memory=memory, **_worker_env())
     tables = []
     names = {c: i for i, c in enumerate(src.classes)}
     for number, members in shards:
@@ -380,6 +380,12 @@ def rows_dataset(src: ImageSource, shards: list[tuple[int, Any]], spec: ReadSpec
     return _files_dataset(pa.concat_tables(tables), spec, num_cpus, memory, rows_per_block)
 
 
+def _worker_env() -> dict[str, Any]:
+    from .runtime import worker_env  # on the driver only (it imports Ray)
+
+    return worker_env()
+
+
 def _files_dataset(table: pa.Table, spec: ReadSpec, num_cpus: float, memory: int, rows_per_block: int) -> Any:
     """Listed loose files (``ROW_COLUMNS``) read by :func:`file_rows` in tasks of their own,
     from blocks of ``rows_per_block`` rows (so that the tasks run in parallel from the start)."""
@@ -388,7 +394,7 @@ def _files_dataset(table: pa.Table, spec: ReadSpec, num_cpus: float, memory: int
     chunk = max(1, rows_per_block)
     ds = ray.data.from_arrow([table.slice(i, chunk) for i in range(0, table.num_rows, chunk)])
     return ds.map_batches(file_rows, batch_size=spec.batch_size, batch_format="numpy", fn_kwargs={"spec": spec.to_dict()},
-                          num_cpus=num_cpus, memory=memory)
+                          num_cpus=num_cpus, memory=memory, **_worker_env())
 
 
 def source_rows(src: ImageSource, config: PreprocessConfig | None, batch_size: int = 32, num_cpus: float = 1.0,

@@ -19,15 +19,15 @@ import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
 
 from surgery import storage
 
-__all__ = ["ensure_ray", "set_verbose", "is_verbose", "quiet_ray", "VERBOSE_ENV", "cluster_gpus", "cluster_cpus",
-           "cpu_nodes", "pyarrow_filesystem", "actor_cpus", "ActorPlan", "plan_actors", "actor_memory"]
+__all__ = ["ensure_ray", "worker_env", "FORWARDED_PREFIX", "set_verbose", "is_verbose", "quiet_ray", "VERBOSE_ENV", "cluster_gpus", "cluster_cpus",
+           "cpu_nodes", "pyarrow_filesystem", "actor_cpus", "ActorPlan", "plan_actors", "actor_memory", "CPU_ACTOR_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,26 @@ def actor_cpus(num_actors: int, gpu: bool, reserve: float = 1.0) -> float:
     return max(0.25, math.floor(4 * free / num_actors) / 4)
 
 
+FORWARDED_PREFIX = "FREEZERAY_"  # the driver's settings of this prefix reach the tasks and actors freezeray starts
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """Ray remote options (``runtime_env`` env_vars) giving the tasks and actors freezeray
+    starts the driver's ``FREEZERAY_*`` settings, and ``extra``; ``{}`` when there are none.
+
+    Ray does not pass a driver's environment to its workers: on a cluster they have the
+    environment their raylet started with, and a local instance's workers the one of the
+    process that started it. So a setting such as ``FREEZERAY_IO_RETRY_SECONDS`` made in the
+    driver (or changed after Ray started) would hold for the driver's own storage calls
+    and not for the actors writing shards. Forwarded, every part of a run follows the
+    driver's settings. Ray keeps separate worker processes per distinct environment, so a
+    run with no such settings starts no extra processes.
+    """
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIX)}
+    env.update(extra or {})
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 @dataclass(frozen=True)
 class ActorPlan:
     """How many model actors to run and what each one gets."""
@@ -200,6 +220,14 @@ class ActorPlan:
     cpus: float  # CPUs Ray reserves per actor (logical)
     threads: int | None  # torch intra-op threads per CPU actor (None on GPU)
     decode_cpus: float = 1.0  # CPUs each read/decode task asks for (less on 1-CPU nodes, so they still fit)
+    # environment of the actor processes (Ray's runtime_env env_vars), read when torch loads its
+    # OpenMP runtime: CPU actors get CPU_ACTOR_ENV (see plan_actors)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# OpenMP threads that wait at the end of a parallel region sleep at once instead of spinning
+# (libgomp, which torch's Linux wheels use, spins for a while by default): see plan_actors.
+CPU_ACTOR_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def plan_actors(resources: Any = None) -> ActorPlan:
@@ -207,12 +235,31 @@ def plan_actors(resources: Any = None) -> ActorPlan:
     :class:`~pipeline.Resources`) leaves open is filled in.
 
     With GPUs in the cluster (or ``use_gpu``), one actor per GPU. On CPU-only clusters,
-    one actor per node whose torch threads use the node's CPUs: measured on 2 and 16
+    one actor per node whose torch threads use the CPUs it reserves: measured on 2 and 16
     cores, several single-threaded actors on a node were no faster in steady state
     (within the ±15% run-to-run noise of those machines) and each one adds its start-up.
     CPU reservations leave one CPU per node for the decode tasks; on nodes with a single
     CPU the actor reserves a quarter and the decode tasks three quarters (both would wait
     for each other forever if each asked for a whole CPU).
+
+    Threads that do not fight (issue 24): the actor runs as many torch threads as the CPUs
+    Ray reserves for it, and the decode tasks get the rest of the node (one CPU), so no
+    core is asked for twice; and the actors' OpenMP threads wait passively
+    (:data:`CPU_ACTOR_ENV`). With torch's default (threads spin at every barrier) and a
+    thread per core, anything else runnable on the node (a decode task, another process)
+    stalls every parallel region of the forward pass. Measured on this project's 2-core
+    machine, shared with other engineers' tests (load 5-17; ``featurize`` of 1,000 JPEGs,
+    efficientnet_lite0 at 224 px, images/s, four rounds; benchmarks/README.md "Threads"):
+
+    * spinning (torch's default): the model alone 7.7 and 6.2 with 2 threads, 29.7 and 18.3
+      with 1; featurize 7.9, 6.1, 22.5, 14.5 with 2 threads, 17.2, 14.8, 23.0, 23.2 with 1;
+    * passive: the model alone 20.0 and 25.7 with 2 threads, 15.5 and 24.1 with 1;
+      featurize 12.7, 11.0, 21.6 with 2 threads, 16.2, 17.2, 26.3 with 1.
+
+    Decoding inside the actors instead (``decode="gpu"``'s path on the CPU) gave 19.5
+    against 26.3 for one thread and tasks. On a quiet machine two threads may win again for
+    the model alone (94.5 images/s with 2 threads was measured on a quiet day, 1 thread was
+    not); ``Resources(threads_per_worker=N)`` sets it.
     """
     from .resources import Resources
 
@@ -228,13 +275,14 @@ def plan_actors(resources: Any = None) -> ActorPlan:
         per_node = min(nodes)
         cpus = r.cpus_per_worker if r.cpus_per_worker is not None else max(0.25, per_node - 1.0)
         decode = max(0.25, min(1.0, per_node - cpus))
-        return ActorPlan(len(nodes), 0.0, cpus, r.threads_per_worker or max(1, int(per_node)), decode)
+        threads = r.threads_per_worker or max(1, int(cpus))  # the CPUs it reserves; the decode tasks have the rest
+        return ActorPlan(len(nodes), 0.0, cpus, threads, decode, dict(CPU_ACTOR_ENV))
     num_actors = r.num_workers if r.num_workers is not None else max(1, int(cluster_gpus() // gpus))
     if num_actors <= 0:
         raise ValueError(f"num_workers must be a positive integer for model actors, got {num_actors!r}")
     cpus = r.cpus_per_worker if r.cpus_per_worker is not None else actor_cpus(num_actors, gpus > 0)
-    threads = None if gpus > 0 else (r.threads_per_worker or max(1, int(cluster_cpus() // num_actors)))
-    return ActorPlan(num_actors, gpus, cpus, threads)
+    threads = None if gpus > 0 else (r.threads_per_worker or max(1, int(cpus)))
+    return ActorPlan(num_actors, gpus, cpus, threads, env={} if gpus > 0 else dict(CPU_ACTOR_ENV))
 
 
 def pyarrow_filesystem(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:

@@ -10,13 +10,46 @@ from benchmarks.common import save_json
 
 @pytest.mark.slow
 def test_featurize_benchmark(ray_session, tmp_path):
-    result = featurize.run(images=24, batch_size=8, threads=1, workers=1, image_size=64)
+    result = featurize.run(images=24, batch_size=8, threads=1, workers=1, image_size=64, large_images=2, thread_plans=(1,))
     assert result["cpu"][0]["images_per_s"] > 0 and result["cpu"][1]["rows"] == 24 and result["ratio"] > 0
-    assert set(result["stage_ms_per_image"]) == {"read_ms", "decode_ms", "resize_crop_ms", "model_ms", "write_ms"}
+    assert result["cpu"][-1]["system"] == "freezeray featurize, 1 torch threads in the actor" and result["cpu"][-1]["rows"] == 24
+    assert set(result["stage_ms_per_image"]) == {"read_ms", "preprocess_ms", "model_ms", "write_ms"}
+    prep = result["preprocess"]  # before/now x small/large x bilinear/the model's bicubic
+    assert len(prep) == 8 and all(r["one_core_per_core_s"] > 0 and r["machine_images_per_s"] > 0 for r in prep)
+    assert all(r["one_core_ratio"] > 0 and r["machine_ratio"] > 0 for r in prep[1::2])
+    assert "per core-second" in featurize.report(result)
     assert result["limit"]["best_images_per_s"] == max(result["limit"]["rates"].values())
     assert "freezeray / the model alone at its best" in featurize.report(result)
     path = save_json("featurize", result, tmp_path)
     assert json.loads(path.read_text())["machine"]["cpus"] >= 1
+
+
+def test_old_preprocessing_kept_for_the_benchmark_is_the_pil_path():
+    """The benchmark's "before" is what the PIL path still computes (whole-image resize)."""
+    from imagesets import draw, encode
+
+    from surgery.preprocess import PreprocessConfig, decode_image, resize_crop
+
+    data = encode(draw("red_disc", __import__("numpy").random.default_rng(0), 300), "JPEG")
+    for mode in ("center", "squash", "border"):
+        config = PreprocessConfig(input_size=(3, 96, 96), crop_mode=mode, interpolation="bicubic")
+        assert (featurize.old_preprocess(data, config) == resize_crop(decode_image(data), config)).all()
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_dry_on_the_cpu(ray_session, tmp_path):
+    """benchmarks/gpu.py's whole sequence on the CPU (every step but the CUDA calls)."""
+    from benchmarks import gpu
+
+    result = gpu.run(images=16, dry=True, check_images=16, digits_per_class=4, image_size=48, min_accuracy=0.0)
+    assert result["dry"] and result["failures"] == [], result["failures"]
+    names = [r["check"] for r in result["checks"]]
+    assert len(names) == 6 and names[0].startswith("pixels") and "mixed_precision='bf16'" in names[4]
+    assert [(r["model"], r["decode"]) for r in result["throughput"]] == [
+        ("efficientnet_lite0", "cpu"), ("efficientnet_lite0", "gpu"), ("resnet50", "cpu"), ("resnet50", "gpu")]
+    assert all(r["rows"] == 16 for r in result["throughput"])
+    assert "dry run" in gpu.report(result)
+    assert json.loads(save_json("gpu", result, tmp_path).read_text())["dry"] is True
 
 
 @pytest.mark.slow

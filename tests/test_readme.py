@@ -189,8 +189,14 @@ def test_quiet_by_default_and_verbose_on_request(monkeypatch):
     assert runtime.is_verbose()
     runtime.set_verbose(False)  # the call wins over the environment
     assert not runtime.is_verbose()
+    train_logger = logging.getLogger("ray.train")
+    train_level = train_logger.level
     try:
+        # Ray as it starts: bars on, its loggers unset; what set_verbose(False) saved above
+        # (the state an earlier test left) is not what this test restores
+        monkeypatch.setattr(runtime, "_LOUD", {})
         ctx.enable_progress_bars = True
+        train_logger.setLevel(logging.NOTSET)
         runtime.quiet_ray(False)
         assert not ctx.enable_progress_bars and logging.getLogger("ray.train").level == logging.WARNING
         runtime.quiet_ray(True)  # verbose: what quiet_ray changed is put back
@@ -198,3 +204,4 @@ def test_quiet_by_default_and_verbose_on_request(monkeypatch):
     finally:
         runtime.quiet_ray(True)
         ctx.enable_progress_bars = before
+        train_logger.setLevel(train_level)

@@ -22,7 +22,8 @@ def _photos() -> dict[str, bytes]:
     a PNG and a WebP, and the bad files."""
     rng = np.random.default_rng(3)
     out = {}
-    for name, (w, h) in {"wide": (320, 200), "tall": (180, 300), "small": (40, 30), "square": (256, 256)}.items():
+    sizes = {"wide": (320, 200), "tall": (180, 300), "small": (40, 30), "square": (256, 256), "large": (1600, 1200)}
+    for name, (w, h) in sizes.items():
         img = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
         out[f"{name}.jpg"] = encode(img, "JPEG")
     out["gray.jpg"] = encode(draw("red_disc", rng, 120).convert("L"), "JPEG")
@@ -75,6 +76,17 @@ def test_every_crop_mode_takes_the_same_geometry_on_both_paths(device, crop_mode
         if crop_mode == "border" and name in ("wide.jpg", "tall.jpg"):  # the padding is the mean colour, on both paths
             corner = (0, 48) if name == "wide.jpg" else (48, 0)
             assert pixels[i, corner[0], corner[1]].tolist() == reference[corner].tolist() == [128, 64, 191]
+
+
+def test_the_batched_decoder_warns_nothing():
+    """torchvision 0.29's deprecation warning for its image decoding is silenced around the call."""
+    import warnings
+
+    config = PreprocessConfig(input_size=(3, 32, 32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, errors = decode_batch([_photos()["wide.jpg"]], [""], config, torch.device("cpu"))
+    assert errors == [""] and [str(w.message) for w in caught if "TorchVision" in str(w.message)] == []
 
 
 def test_decompression_bombs_and_unread_files_are_error_rows_before_decoding():

@@ -164,9 +164,13 @@ class _RowLog:
 
     def __init__(self, path: str, kill_at: tuple[int, int]) -> None:
         self.path, self.kill_at = path, kill_at
+        self.life: int | None = None  # per worker process, from its first event: the other rank's last
+        # batch of the killed life, logged after the kill, is still that life's
 
     def __call__(self, event: dict) -> None:
-        life = int(os.path.exists(self.path + ".killed"))
+        if self.life is None:
+            self.life = int(os.path.exists(self.path + ".killed"))
+        life = self.life
         if event["event"] == "batch_end":
             with open(self.path, "a") as f:
                 f.write(json.dumps({"life": life, "epoch": event["epoch"], "step": event["step"], "rank": event["rank"],
