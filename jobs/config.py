@@ -28,6 +28,7 @@ Example::
     featurize: {output: out/features, image_size: 96}
     training: {}                              # every default: local mode, early stopping
     outputs: {model: out/model, report: out/report}
+    report: {baselines: true}                 # pixels and a random backbone beside the result
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from surgery.finetune import FineTuneConfiguration
 from surgery.schema import Schema, SchemaError, problems_of
 from surgery.training import DEFAULT_MAX_EPOCHS
 
-__all__ = ["RunConfig", "ConfigError", "load_config", "parse_config", "SweepSection", "SPACE_FORMS"]
+__all__ = ["RunConfig", "ConfigError", "load_config", "parse_config", "SweepSection", "ReportSection", "SPACE_FORMS"]
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -181,6 +182,13 @@ class TrainingSection(Schema):
         return v
 
 
+class ReportSection(Schema):
+    """What the report compares the transfer result with (see :mod:`jobs.baselines`)."""
+
+    baselines: bool = True  # beside the transfer result: a linear model on downsampled pixels, the same head on a random backbone
+    baseline_rows: PositiveInt = 2000  # at most this many train (and test) images for the baselines; larger sets are sampled
+
+
 class OutputsSection(Schema):
     model: str | None = None  # where surgery.save writes the trained model
     report: str | None = None  # report folder
@@ -202,6 +210,7 @@ class RunConfig(Schema):
     featurize: FeaturizeSection = Field(default_factory=FeaturizeSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     outputs: OutputsSection = Field(default_factory=OutputsSection)
+    report: ReportSection = Field(default_factory=ReportSection)  # baselines beside the result
 
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)  # the file as written (no secrets resolved)
     _source: str = PrivateAttr(default="")  # the file it came from

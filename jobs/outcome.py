@@ -13,7 +13,8 @@ import torch.fx as fx
 
 from .config import RunConfig
 
-__all__ = ["RunOutcome", "ErrorGroup", "outcome_lines", "error_groups", "error_line", "feature_errors", "SHOWN_ERRORS"]
+__all__ = ["RunOutcome", "ErrorGroup", "outcome_lines", "baseline_line", "error_groups", "error_line", "feature_errors",
+           "SHOWN_ERRORS"]
 
 SHOWN_ERRORS = 3  # error rows named on the console (the report names ten)
 
@@ -32,6 +33,7 @@ class RunOutcome:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step
     model_uri: str | None = None
     report_uri: str | None = None
+    baselines: list[Any] = field(default_factory=list)  # jobs.baselines.Baseline: pixels, random backbone
 
 
 @dataclass
@@ -104,6 +106,8 @@ def outcome_lines(outcome: RunOutcome, total_s: float) -> list[str]:
     ev = outcome.evaluation
     if ev is not None:
         lines.append(f"accuracy {ev.accuracy:.4f} on {ev.rows} test images ({ev.errors} unreadable)")
+        if outcome.baselines:
+            lines.append(baseline_line(ev.accuracy, outcome.baselines))
     if outcome.features:
         parts = [f"{split} {f.rows} rows{f', {f.errors} unreadable' if f.errors else ''} ({_how(f)})"
                  for split, f in outcome.features.items()]
@@ -132,6 +136,19 @@ def outcome_lines(outcome: RunOutcome, total_s: float) -> list[str]:
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in outcome.timings.items())
     lines.append(f"time: {steps} (total {total_s:.0f}s)")
     return lines
+
+
+def baseline_line(accuracy: float, baselines: list[Any]) -> str:
+    """``baselines: pixels 0.4567 (+50.7 points), random backbone 0.5833 (+38.0 points)``:
+    each baseline's accuracy and how far the run's is above it."""
+    parts = []
+    for b in baselines:
+        if b.accuracy is None:
+            parts.append(f"{b.name} skipped ({b.skipped})")
+            continue
+        sampled = f" on {b.test_rows} of {b.of_test} test images" if b.of_test > b.test_rows else ""
+        parts.append(f"{b.name} {b.accuracy:.4f} ({100 * (accuracy - b.accuracy):+.1f} points{sampled})")
+    return "baselines: " + ", ".join(parts)
 
 
 def _short(value: Any) -> str:

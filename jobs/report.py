@@ -1,5 +1,7 @@
-"""The run report: a folder with the resolved config (secrets left unresolved), the model
-summary, per-epoch metrics, the evaluation, timings and throughput, the training curves
+"""The run report: a folder with the resolved config (secrets left unresolved), the
+result beside its baselines (the page's first table and ``baselines.png``: a linear model
+on downsampled pixels and the same head on a random backbone, see :mod:`jobs.baselines`),
+the model summary, per-epoch metrics, the evaluation, timings and throughput, the training curves
 and confusion matrix as PNG, the trials of a sweep (a table and a plot), the images that
 could not be read (``errors.parquet``: split, path, reason; their count and first names
 in ``metrics.json`` and on the page), and a Markdown page that shows them.
@@ -21,7 +23,7 @@ from surgery import storage
 
 from .outcome import RunOutcome, error_groups
 
-__all__ = ["write_report", "curves_png", "confusion_png", "sweep_png"]
+__all__ = ["write_report", "curves_png", "confusion_png", "sweep_png", "baselines_png", "result_rows"]
 
 
 def _figure(width: float, height: float) -> Any:
@@ -108,6 +110,45 @@ def sweep_png(curves: dict[str, list[dict[str, Any]]], metric: str, best: str | 
     return _png(fig)
 
 
+def result_rows(outcome: RunOutcome) -> list[dict[str, Any]]:
+    """The page's first table: the run's test accuracy, then each baseline's, with how
+    far the run's is above it (``lead``, in points) and what it was trained on."""
+    ev, cfg = outcome.evaluation, outcome.config
+    if ev is None:
+        return []
+    base = cfg.model.base or f"the saved model {cfg.model.load}"
+    weights = f", {cfg.model.weights} weights" if cfg.model.weights else ""
+    how = "fine-tuned" if cfg.training.mode == "finetune" else "head on its features"
+    train = outcome.features.get("train")
+    rows = [{"model": f"this run: {base}{weights}, {how}", "accuracy": ev.accuracy, "lead": None, "test_rows": ev.rows,
+             "note": f"{train.rows} train images" if train is not None else ""}]
+    for b in outcome.baselines:
+        note = b.skipped or (f"a sample: {b.train_rows} train, {b.test_rows} of {b.of_test} test images"
+                             if b.of_test > b.test_rows else f"{b.train_rows} train images")
+        rows.append({"model": f"baseline: {b.what}", "accuracy": b.accuracy, "test_rows": b.test_rows,
+                     "lead": None if b.accuracy is None else 100 * (ev.accuracy - b.accuracy), "note": note})
+    return rows
+
+
+def baselines_png(rows: list[dict[str, Any]]) -> bytes:
+    """Test accuracy of the run and of each baseline, as horizontal bars."""
+    shown = [r for r in rows if r["accuracy"] is not None]
+    fig = _figure(7.5, 0.55 * len(shown) + 1.0)
+    ax = fig.subplots()
+    labels = [r["model"].split(": ", 1)[-1] for r in shown]
+    values = [r["accuracy"] for r in shown]
+    bars = ax.barh(range(len(shown)), values, color=["tab:blue"] + ["tab:gray"] * (len(shown) - 1))
+    ax.set_yticks(range(len(shown)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.08)
+    ax.set_xlabel("test accuracy")
+    for bar, value in zip(bars, values):
+        ax.text(value + 0.01, bar.get_y() + bar.get_height() / 2, f"{value:.3f}", va="center", fontsize=8)
+    ax.set_title("the run against its baselines")
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
 def _keep_references(original: Any, redacted: Any) -> Any:
     """``redacted``, except that ``${VAR}`` references (which hold no secret) stay as written."""
     if isinstance(original, dict):
@@ -129,6 +170,9 @@ def _redacted_config(outcome: RunOutcome) -> dict[str, Any]:
 def write_report(uri: str, outcome: RunOutcome, storage_options: dict | None = None) -> str:
     """Write the report folder under ``uri`` and return the page's URI."""
     files: dict[str, bytes] = {}
+    rows = result_rows(outcome)
+    if len(rows) > 1:
+        files["baselines.png"] = baselines_png(rows)
     files["config.yaml"] = yaml.safe_dump(_redacted_config(outcome), sort_keys=False).encode()
     if outcome.model is not None:
         files["summary.txt"] = str(surgery.summary(outcome.model)).encode()
@@ -154,6 +198,8 @@ def write_report(uri: str, outcome: RunOutcome, storage_options: dict | None = N
         metrics["sweep"] = {"trials": len(sw.table), "metric": sw.metric, "mode": sw.mode, "seconds": sw.seconds,
                             "best_config": sw.best_config, "best": sw.best_metrics}
     metrics["throughput"] = throughput
+    if outcome.baselines:
+        metrics["baselines"] = [b.to_dict() for b in outcome.baselines]
     if outcome.evaluation is not None:
         ev = outcome.evaluation
         files["evaluation.json"] = json.dumps(ev.to_dict(), indent=2).encode()
@@ -204,6 +250,7 @@ def _page(outcome: RunOutcome, metrics: dict[str, Any], files: dict[str, bytes])
               "- config: [config.yaml](config.yaml); model summary: [summary.txt](summary.txt)"]
     if outcome.model_uri:
         lines.append(f"- saved model: `{outcome.model_uri}`")
+    lines += _result_table(outcome)
     ev = outcome.evaluation
     if ev is not None:
         lines += ["", "## Evaluation", "", f"accuracy **{ev.accuracy:.4f}**, loss {ev.loss:.4f}, macro F1 {ev.macro_f1:.4f} "
@@ -252,6 +299,25 @@ def _page(outcome: RunOutcome, metrics: dict[str, Any], files: dict[str, bytes])
         elif value is not None:
             lines.append(f"- {key}: {value:.0f}")
     return "\n".join(lines) + "\n"
+
+
+def _result_table(outcome: RunOutcome) -> list[str]:
+    rows = result_rows(outcome)
+    if not rows:
+        return []
+    lines = ["", "## Result and baselines", "", "| model | test accuracy | this run's lead | trained on |",
+             "| --- | --- | --- | --- |"]
+    for i, r in enumerate(rows):
+        acc = "—" if r["accuracy"] is None else (f"**{r['accuracy']:.4f}**" if i == 0 else f"{r['accuracy']:.4f}")
+        lead = "" if r["lead"] is None else f"{r['lead']:+.1f} points"
+        lines.append(f"| {r['model']} | {acc} | {lead} | {r['note']} |")
+    if len(rows) == 1:
+        lines += ["", "Baselines were not computed (`report.baselines: false`)."] if not outcome.config.report.baselines else []
+    else:
+        lines += ["", "Each baseline is trained as the run's head is (fit_head with the run's training settings) and "
+                  "scored on the same test images (see `jobs/baselines.py`); `report.baselines: false` skips them.",
+                  "", "![the run against its baselines](baselines.png)"]
+    return lines
 
 
 def _cell(value: Any) -> str:

@@ -16,13 +16,14 @@ import pipeline
 import surgery
 from surgery import TransferLearning, storage
 
+from .baselines import Baseline, compute_baselines
 from .config import RunConfig
 from .errors import CliError
 from .outcome import RunOutcome
 from .report import write_report
 
 __all__ = ["connect", "build_model", "featurize_step", "fit_step", "sweep_step", "finetune_step", "evaluate_step",
-           "predict_step", "run_all", "resolve", "read_source", "mark_outputs", "Progress", "WRITES", "OUTPUT_MARKER"]
+           "predict_step", "baselines_step", "run_all", "resolve", "read_source", "mark_outputs", "Progress", "WRITES", "OUTPUT_MARKER"]
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,21 @@ def predict_step(cfg: RunConfig, model: fx.GraphModule) -> pipeline.PredictResul
                             resources=cfg.featurize.resources)
 
 
+def baselines_step(cfg: RunConfig, model: fx.GraphModule, progress: Progress | None = None) -> list[Baseline]:
+    """The report's baselines (see :mod:`jobs.baselines`) for ``model`` as built, before
+    training: their features beside the run's (``<featurize.output>/baselines``, else
+    ``<outputs.report>/baselines``), their runs in ``runs/`` there (``training.storage``
+    holds the run's own runs only)."""
+    folder = cfg.featurize.output or cfg.outputs.report
+    if folder is None:
+        why = "set featurize.output or outputs.report: the baselines' features are kept there"
+        return [Baseline(name, "", None, skipped=why) for name in ("pixels", "random backbone")]
+    train = read_source(cfg, cfg.data.train)
+    test = read_source(cfg, cfg.data.test, train.classes)
+    where = storage.join(resolve(cfg, folder), "baselines")
+    return compute_baselines(cfg, model, train, test, where, storage.join(where, "runs"), progress)
+
+
 def _with_classes(model: fx.GraphModule, classes: tuple[str, ...]) -> fx.GraphModule:
     """Record the training classes on the model, so predictions carry class names."""
     from surgery.recipe import set_info_
@@ -251,7 +267,7 @@ def run_all(cfg: RunConfig, progress: Progress | None = None) -> RunOutcome:
         out.timings[step] = time.perf_counter() - start
         return value
 
-    model = timed("build", build_model, cfg)
+    model = built = timed("build", build_model, cfg)
     classes = None
     if cfg.data.train is not None:
         if cfg.training.mode == "head":
@@ -274,6 +290,8 @@ def run_all(cfg: RunConfig, progress: Progress | None = None) -> RunOutcome:
     out.model = model
     if cfg.data.test is not None:
         out.evaluation = timed("evaluate", evaluate_step, cfg, model, out.features, classes)
+    if cfg.report.baselines and out.evaluation is not None and cfg.data.train is not None:
+        out.baselines = timed("baselines", baselines_step, cfg, built, progress)
     if cfg.outputs.model is not None:
         out.model_uri = resolve(cfg, cfg.outputs.model)
         timed("save", surgery.save, model, out.model_uri, _opts(cfg))

@@ -107,9 +107,9 @@ def test_nodes_benchmark():
 def test_staged_benchmark(ray_session):
     from benchmarks import staged
 
-    result = staged.run(head_epochs=2, tune_epochs=1, per_class=6)
+    result = staged.run(head_epochs=2, tune_epochs=1, per_class=4)  # the surfaces: 4 training patches a class
     head, ours, images, kept = result["rows"]
-    assert result["settings"]["train_rows"] == 45 and ours["seconds"] > head["seconds"]  # the staged run includes the head
+    assert result["settings"]["train_rows"] == 40 and ours["seconds"] > head["seconds"]  # the staged run includes the head
     assert result["accuracy_gain_over_head"] == ours["test_accuracy"] - head["test_accuracy"]
     assert "images throughout / staged wall time" in staged.report(result)
 

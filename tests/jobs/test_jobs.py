@@ -535,7 +535,8 @@ def test_python_m_entry_points_are_the_cli(tmp_path):
 
 
 def test_demo_runs_end_to_end_quietly_and_reuses_its_features(ray_session, tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path), "--per-class", "12"]) == 0
+    # the digits (the surfaces, the default task, are tests/jobs/test_demo_task.py's)
+    assert main(["demo", "--task", "digits", "--workdir", str(tmp_path), "--per-class", "12"]) == 0
     out = capsys.readouterr()
     printed = out.out
     assert "accuracy" in printed and "report:" in printed and "model:" in printed and "local mode" in printed
@@ -550,7 +551,7 @@ def test_demo_runs_end_to_end_quietly_and_reuses_its_features(ray_session, tmp_p
     assert metrics["evaluation"]["accuracy"] >= 0.5  # 12 digits a class; the full demo reaches 0.95
     assert (tmp_path / "model" / "recipe.json").exists() and (tmp_path / "model" / "model.safetensors").exists()
     # a second run reuses the cached features and says so
-    assert main(["demo", "--workdir", str(tmp_path), "--per-class", "12", "--epochs", "1"]) == 0
+    assert main(["demo", "--task", "digits", "--workdir", str(tmp_path), "--per-class", "12", "--epochs", "1"]) == 0
     assert "reused the cached features" in capsys.readouterr().out
 
 
