@@ -213,7 +213,6 @@ def _compute(job: OutputJob, src: ImageSource, plan: Plan, todo: list[PlannedSha
     import ray
 
     from .runtime import worker_env
-
     from .shards import SliceWriter
 
     if src.sharded:
