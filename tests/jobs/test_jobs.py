@@ -331,6 +331,8 @@ def test_init_writes_a_config_that_runs_with_a_held_out_split(ray_session, tmp_p
     assert text.startswith("# Written by `freezeray init`") and "image_size: 96" in text  # 28 px images
     cfg = load_config(str(tmp_path / "run.yaml"))
     assert cfg.data.test.endswith("freezeray-test.csv") and cfg.surgery[2].layer["n_out"] == 3
+    with open(tmp_path / "run.yaml", "a") as f:  # the baselines are tests/jobs/test_demo_task.py's (here 2 min)
+        f.write("report: {baselines: false}\n")
     assert main(["run", str(tmp_path / "run.yaml")]) == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "report:" in printed
@@ -645,6 +647,7 @@ def test_ray_job_submit_runs_a_config_and_writes_to_s3(ray_head, s3_server, s3_b
         # one Ray Train worker: the job's training crosses processes, its checkpoints go to S3
         "training": {"resources": {"num_workers": 1}, "epochs": 2, "batch_size": 8, "storage": f"s3://{s3_bucket}/runs"},
         "outputs": {"model": f"s3://{s3_bucket}/model", "report": f"s3://{s3_bucket}/report"},
+        "report": {"baselines": False},  # the baselines are tests/jobs/test_demo_task.py's
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
