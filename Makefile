@@ -1,5 +1,6 @@
 # Three commands for a new user: `make demo`, `make test` and `make lint` (`make test-fast`
-# is the inner loop). Each creates .venv when it is missing and installs the project into
+# is the inner loop; `make bench-smoke` runs every benchmark at a tiny size, and CI runs it
+# after `make test`). Each creates .venv when it is missing and installs the project into
 # it; the install is skipped when pyproject.toml and constraints.txt have not changed.
 
 PYTHON ?= python3
@@ -7,16 +8,19 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST := $(VENV)/bin/python -m pytest -q --durations=25
 
-.PHONY: demo test test-fast lint
+.PHONY: demo test test-fast bench-smoke lint
 
 demo: $(STAMP)
 	$(VENV)/bin/freezeray demo
 
 test: $(STAMP)
-	$(PYTEST)
+	$(PYTEST) -m "not benchmark"
 
 test-fast: $(STAMP)
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow and not benchmark"
+
+bench-smoke: $(STAMP)
+	$(PYTEST) -m benchmark
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check surgery pipeline jobs benchmarks tests

@@ -64,3 +64,29 @@ class WideCNN(nn.Module):
 @register_model("wide_cnn_test", preprocessing=PreprocessConfig(input_size=(3, 32, 32), crop_pct=1.0))
 def wide_cnn_test(num_classes: int = 10) -> nn.Module:
     return WideCNN(num_classes)
+
+
+class BusyCNN(nn.Module):
+    """A model whose forward pass costs more than decoding its (64 px) input: three
+    64-channel 3x3 convolutions at full resolution, ~0.5 GFLOP an image. Where a test needs
+    the model actors to be the bottleneck (work spreading over several nodes' actors), the
+    tiny model is not: its actors wait for the decode tasks and one of them can take every
+    block as it comes."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, padding=1)
+        self.conv2 = nn.Conv2d(64, 64, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, 64, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x))))))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+@register_model("busy_cnn_test", preprocessing=PreprocessConfig(input_size=(3, 64, 64), crop_pct=1.0))
+def busy_cnn_test(num_classes: int = 10) -> nn.Module:
+    return BusyCNN(num_classes)

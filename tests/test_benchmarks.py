@@ -1,4 +1,6 @@
-"""Every benchmark runs at a tiny size, so none of them can rot."""
+"""Every benchmark runs at a tiny size, so none of them can rot (``make bench-smoke``, which
+CI runs after ``make test``: the benchmarks' own start-ups, six minutes on 2 cores, kept out
+of the product's test loop)."""
 
 import json
 
@@ -6,6 +8,8 @@ import pytest
 
 from benchmarks import cache, featurize, head, scale, storage
 from benchmarks.common import save_json
+
+pytestmark = pytest.mark.benchmark
 
 
 @pytest.mark.slow

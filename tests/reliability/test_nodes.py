@@ -38,7 +38,14 @@ nodes = [cluster.add_node(num_cpus=2, object_store_memory=200 << 20) for _ in ra
 ray.init(address=cluster.address, log_to_driver=False)
 cluster.wait_for_nodes()
 from ray.data import DataContext
-DataContext.get_current().enable_progress_bars = False
+ctx = DataContext.get_current()
+ctx.enable_progress_bars = False
+# Where the work spreads is the point of sections 1 and 4: the pool starts whole, each actor takes one
+# call at a time, and the model there (busy_cnn_test, ~10 ms an image) is slower than decoding, so blocks
+# queue for the actors. With the tiny model the actors wait for the decode tasks and one of them could
+# take every block as it came (seen in CI: every slice from one node).
+ctx.wait_for_min_actors_s = 300
+ctx.max_tasks_in_flight_per_actor = 1
 
 def images(name, per_class, size):
     root = os.path.join(work, name)
@@ -63,14 +70,14 @@ out = {"nodes": [n.node_id for n in nodes], "head": cluster.head_node.node_id}
 
 # 1. across nodes: one actor per node, each writing its slices where it runs
 src = images("spread", 60, 24)
-tiny = model("tiny_cnn_test")
-fset = pipeline.featurize(tiny, src, os.path.join(work, "f-spread"), dtype="float32", shard_rows=12)
+tiny, busy = model("tiny_cnn_test"), model("busy_cnn_test")
+fset = pipeline.featurize(busy, src, os.path.join(work, "f-spread"), dtype="float32", shard_rows=12)
 out["spread"] = {"writers": sorted({n for s in fset.shards for n in s.nodes}), "shards": len(fset.shards),
                  **rows_once(fset, 180)}
-direct = surgery.split(tiny).frozen.eval()
+direct = surgery.split(busy).frozen.eval()
 df = fset.read().to_pandas()
 from surgery.preprocess import normalize, preprocess_bytes
-config = surgery.get_info(tiny).preprocessing
+config = surgery.get_info(busy).preprocessing
 pixels = np.stack([preprocess_bytes(open(p, "rb").read(), config) for p in df["path"]])
 with torch.no_grad():
     expected = direct(normalize(torch.from_numpy(pixels), config)).numpy()
@@ -85,7 +92,7 @@ def lose_a_node(shard, rows, errors):
         removed.append(victim.node_id)
 src = images("lost", 80, 24)
 started = time.monotonic()
-fset = pipeline.featurize(tiny, src, os.path.join(work, "f-lost"), dtype="float32", shard_rows=10,
+fset = pipeline.featurize(busy, src, os.path.join(work, "f-lost"), dtype="float32", shard_rows=10,
                           progress=lose_a_node)
 out["lost"] = {"removed": removed, "seconds": time.monotonic() - started, "shards": len(fset.shards),
                "writers": sorted({n for s in fset.shards for n in s.nodes}), **rows_once(fset, 240)}
@@ -126,7 +133,7 @@ blobs = {}
 for i, part in enumerate(chunks(sharded_images(per_class=160, size=16, seed=6, bad=False), 20)):  # 4 actor calls of 128
     open(os.path.join(tars, f"{i:05d}.tar"), "wb").write(tar_bytes(part))
     blobs.update({f"{tars}/{i:05d}.tar#{key_of(rel)}": data for rel, (data, _) in part.items()})
-fset = pipeline.featurize(tiny, tars, os.path.join(work, "f-tars"), dtype="float32")
+fset = pipeline.featurize(busy, tars, os.path.join(work, "f-tars"), dtype="float32")
 ids = np.concatenate([fset.read(["row_id"]).column("row_id").to_numpy(),
                       np.asarray(fset.errors_table().column("row_id").to_pylist(), dtype=np.int64)])
 df = fset.read().to_pandas()
