@@ -1,6 +1,7 @@
-"""Every benchmark runs at a tiny size, so none of them can rot (``make bench-smoke``, which
-CI runs after ``make test``: the benchmarks' own start-ups, six minutes on 2 cores, kept out
-of the product's test loop)."""
+"""Every benchmark runs at a tiny size, so none of them can rot (those marked ``benchmark`` in
+``make bench-smoke``, which CI runs after ``make test``: their own start-ups, five minutes on
+2 cores, kept out of the product's test loop). The GPU check's dry run on the CPU stays in
+``make test``: it is the only check of the CUDA path's code on a machine without CUDA."""
 
 import json
 
@@ -9,10 +10,9 @@ import pytest
 from benchmarks import cache, featurize, head, scale, storage
 from benchmarks.common import save_json
 
-pytestmark = pytest.mark.benchmark
-
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_featurize_benchmark(ray_session, tmp_path):
     result = featurize.run(images=24, batch_size=8, threads=1, workers=1, image_size=64, large_images=2, thread_plans=(1,))
     assert result["cpu"][0]["images_per_s"] > 0 and result["cpu"][1]["rows"] == 24 and result["ratio"] > 0
@@ -57,6 +57,7 @@ def test_gpu_check_runs_dry_on_the_cpu(ray_session, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_cache_benchmark(ray_session):
     result = cache.run(images=24, epoch_counts=(1, 2), batch_size=8, image_size=64)
     assert [r["epochs"] for r in result["rows"]] == [1, 2] and all(r["ratio"] > 0 for r in result["rows"])
@@ -64,6 +65,7 @@ def test_cache_benchmark(ray_session):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_head_benchmark(ray_session):
     result = head.run(rows=3000, epochs=1, batch_size=256, workers=1)
     assert result["rows"][0]["rows_per_s"] > 0 and result["rows"][1]["startup_s"] > 0
@@ -71,12 +73,14 @@ def test_head_benchmark(ray_session):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_scale_benchmark(ray_session):
     result = scale.run(images=8, factors=(1, 2), image_size=48)
     assert [r["images"] for r in result["rows"]] == [8, 16] and result["rows"][0]["driver_peak_mb"] > 0
     assert "peak memory" in scale.report(result)
 
 
+@pytest.mark.benchmark
 def test_storage_benchmark():
     result = storage.run(images=16)
     f16, f32 = result["rows"]
@@ -85,6 +89,7 @@ def test_storage_benchmark():
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_driver_benchmark(ray_session):
     from benchmarks import driver
 
@@ -98,6 +103,7 @@ def test_driver_benchmark(ray_session):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_nodes_benchmark():
     from benchmarks import nodes
 
@@ -108,6 +114,7 @@ def test_nodes_benchmark():
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_staged_benchmark(ray_session):
     from benchmarks import staged
 
@@ -119,6 +126,7 @@ def test_staged_benchmark(ray_session):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_rows_benchmark(ray_session):
     from benchmarks import rows
 
@@ -132,6 +140,7 @@ def test_rows_benchmark(ray_session):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_stream_benchmark(ray_session):
     from benchmarks import stream
 
