@@ -1,5 +1,5 @@
 """Every benchmark runs at a tiny size, so none of them can rot (those marked ``benchmark`` in
-``make bench-smoke``, which CI runs after ``make test``: their own start-ups, five minutes on
+``make bench-smoke``, which CI runs after ``make test``: their own start-ups, six minutes on
 2 cores, kept out of the product's test loop). The GPU check's dry run on the CPU stays in
 ``make test``: it is the only check of the CUDA path's code on a machine without CUDA."""
 

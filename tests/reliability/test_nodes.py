@@ -40,7 +40,7 @@ cluster.wait_for_nodes()
 from ray.data import DataContext
 ctx = DataContext.get_current()
 ctx.enable_progress_bars = False
-# Where the work spreads is the point of sections 1 and 4: the pool starts whole, each actor takes one
+# Where the work spreads is the point of sections 1, 2 and 4: the pool starts whole, each actor takes one
 # call at a time, and the model there (busy_cnn_test, ~10 ms an image) is slower than decoding, so blocks
 # queue for the actors. With the tiny model the actors wait for the decode tasks and one of them could
 # take every block as it came (seen in CI: every slice from one node).
@@ -70,7 +70,7 @@ out = {"nodes": [n.node_id for n in nodes], "head": cluster.head_node.node_id}
 
 # 1. across nodes: one actor per node, each writing its slices where it runs
 src = images("spread", 60, 24)
-tiny, busy = model("tiny_cnn_test"), model("busy_cnn_test")
+busy = model("busy_cnn_test")
 fset = pipeline.featurize(busy, src, os.path.join(work, "f-spread"), dtype="float32", shard_rows=12)
 out["spread"] = {"writers": sorted({n for s in fset.shards for n in s.nodes}), "shards": len(fset.shards),
                  **rows_once(fset, 180)}
