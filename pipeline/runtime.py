@@ -242,24 +242,27 @@ def plan_actors(resources: Any = None) -> ActorPlan:
     CPU the actor reserves a quarter and the decode tasks three quarters (both would wait
     for each other forever if each asked for a whole CPU).
 
-    Threads that do not fight (issue 24): the actor runs as many torch threads as the CPUs
-    Ray reserves for it, and the decode tasks get the rest of the node (one CPU), so no
-    core is asked for twice; and the actors' OpenMP threads wait passively
-    (:data:`CPU_ACTOR_ENV`). With torch's default (threads spin at every barrier) and a
-    thread per core, anything else runnable on the node (a decode task, another process)
-    stalls every parallel region of the forward pass. Measured on this project's 2-core
-    machine, shared with other engineers' tests (load 5-17; ``featurize`` of 1,000 JPEGs,
-    efficientnet_lite0 at 224 px, images/s, four rounds; benchmarks/README.md "Threads"):
+    Threads that do not fight (issue 24): the actor runs as many torch threads as the node
+    has CPUs (the CPUs Ray reserves for it plus the one its decode tasks get), and the
+    actors' OpenMP threads wait passively (:data:`CPU_ACTOR_ENV`), so that a decode task that
+    needs its core takes it at once and the model has both cores the rest of the time. With
+    torch's default (threads spin at every barrier) and a thread per core, anything else
+    runnable on the node (a decode task, another process) stalls every parallel region of the
+    forward pass. Measured on this project's 2-core machine (``featurize`` of 1,000-2,000
+    JPEGs, efficientnet_lite0 at 224 px, images/s; benchmarks/README.md "Threads"):
 
-    * spinning (torch's default): the model alone 7.7 and 6.2 with 2 threads, 29.7 and 18.3
-      with 1; featurize 7.9, 6.1, 22.5, 14.5 with 2 threads, 17.2, 14.8, 23.0, 23.2 with 1;
-    * passive: the model alone 20.0 and 25.7 with 2 threads, 15.5 and 24.1 with 1;
-      featurize 12.7, 11.0, 21.6 with 2 threads, 16.2, 17.2, 26.3 with 1.
+    * side by side in one run, passive waits, the node's threads against the reserved CPU's
+      one thread: 38.2 vs 21.3 (busy machine), 16.7 vs 12.8 (quiet, slower host): 1.79x and
+      1.30x; the node's threads are the default since;
+    * earlier, loaded machine (load 5-17), four rounds, spinning (torch's default): the model
+      alone 7.7 and 6.2 with 2 threads, 29.7 and 18.3 with 1; featurize 7.9, 6.1, 22.5, 14.5
+      with 2 threads, 17.2, 14.8, 23.0, 23.2 with 1; passive: the model alone 20.0 and 25.7
+      with 2 threads, 15.5 and 24.1 with 1; featurize 12.7, 11.0, 21.6 with 2 threads, 16.2,
+      17.2, 26.3 with 1 (passive waits are what made two threads bearable).
 
     Decoding inside the actors instead (``decode="gpu"``'s path on the CPU) gave 19.5
-    against 26.3 for one thread and tasks. On a quiet machine two threads may win again for
-    the model alone (94.5 images/s with 2 threads was measured on a quiet day, 1 thread was
-    not); ``Resources(threads_per_worker=N)`` sets it.
+    against 26.3 for one thread and tasks. ``Resources(threads_per_worker=N)`` sets the
+    threads.
     """
     from .resources import Resources
 
@@ -275,7 +278,7 @@ def plan_actors(resources: Any = None) -> ActorPlan:
         per_node = min(nodes)
         cpus = r.cpus_per_worker if r.cpus_per_worker is not None else max(0.25, per_node - 1.0)
         decode = max(0.25, min(1.0, per_node - cpus))
-        threads = r.threads_per_worker or max(1, int(cpus))  # the CPUs it reserves; the decode tasks have the rest
+        threads = r.threads_per_worker or max(1, int(per_node))  # the node's CPUs: decode tasks take theirs when they run
         return ActorPlan(len(nodes), 0.0, cpus, threads, decode, dict(CPU_ACTOR_ENV))
     num_actors = r.num_workers if r.num_workers is not None else max(1, int(cluster_gpus() // gpus))
     if num_actors <= 0:

@@ -182,7 +182,7 @@ def test_actor_plan_defaults_to_one_actor_per_node_using_its_cores(ray_session):
     from pipeline.runtime import plan_actors
 
     plan = plan_actors()  # the session: one node, 2 CPUs, no GPU
-    assert (plan.actors, plan.gpus, plan.cpus, plan.threads) == (1, 0.0, 1.0, 1)  # the other CPU decodes
+    assert (plan.actors, plan.gpus, plan.cpus, plan.threads) == (1, 0.0, 1.0, 2)  # one CPU reserved to decode; the model threads on both
     two = plan_actors(Resources(num_workers=2))
     assert (two.actors, two.threads) == (2, 1) and two.cpus * 2 <= 1.0
     with pytest.raises(ValueError, match="num_workers must be a positive integer for model actors, got 0"):
