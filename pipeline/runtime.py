@@ -235,7 +235,7 @@ def plan_actors(resources: Any = None) -> ActorPlan:
     :class:`~pipeline.Resources`) leaves open is filled in.
 
     With GPUs in the cluster (or ``use_gpu``), one actor per GPU. On CPU-only clusters,
-    one actor per node whose torch threads use the CPUs it reserves: measured on 2 and 16
+    one actor per node whose torch threads use the node's cores: measured on 2 and 16
     cores, several single-threaded actors on a node were no faster in steady state
     (within the ±15% run-to-run noise of those machines) and each one adds its start-up.
     CPU reservations leave one CPU per node for the decode tasks; on nodes with a single
@@ -245,11 +245,12 @@ def plan_actors(resources: Any = None) -> ActorPlan:
     Threads that do not fight (issue 24): the actor runs as many torch threads as the node
     has CPUs (the CPUs Ray reserves for it plus the one its decode tasks get), and the
     actors' OpenMP threads wait passively (:data:`CPU_ACTOR_ENV`), so that a decode task that
-    needs its core takes it at once and the model has both cores the rest of the time. With
+    needs its core takes it at once and the model has every core the rest of the time. With
     torch's default (threads spin at every barrier) and a thread per core, anything else
     runnable on the node (a decode task, another process) stalls every parallel region of the
     forward pass. Measured on this project's 2-core machine (``featurize`` of 1,000-2,000
-    JPEGs, efficientnet_lite0 at 224 px, images/s; benchmarks/README.md "Threads"):
+    JPEGs, efficientnet_lite0 at 224 px, images/s; benchmarks/README.md "Featurization
+    throughput"):
 
     * side by side in one run, passive waits, the node's threads against the reserved CPU's
       one thread: 38.2 vs 21.3 (busy machine), 16.7 vs 12.8 (quiet, slower host): 1.79x and
