@@ -248,7 +248,7 @@ def _score(ds: Any, model: fx.GraphModule, kwargs: dict[str, Any], pool: Any, ba
 def _scored(model: fx.GraphModule, data: Any, storage_options: dict | None, batch_size: int, resources: Resources | None,
             image_size: int | None, classes: Sequence[str] | None) -> tuple[Any, tuple[str, ...], str]:
     """A Ray Dataset of scored rows for ``data``, its classes, and what it is."""
-    from surgery.preprocess import model_preprocessing
+    from surgery.recipe import model_preprocessing
 
     on_features = _is_feature_set(data, storage_options)
     specs, pool = _pool(model, resources, on_features)

@@ -44,7 +44,8 @@ from surgery.fingerprint import probe as frozen_probe
 from surgery.freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes
 from surgery.graph import example_input
 from surgery.helper import split
-from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, model_preprocessing, normalize
+from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, normalize
+from surgery.recipe import model_preprocessing
 
 from .features import FeatureSet
 from .manifest import FEATURES_FORMAT, FeaturesManifest, SourceInfo, probe_sample

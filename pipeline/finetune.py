@@ -187,7 +187,7 @@ def _from_images(model: fx.GraphModule, train: Any, val: Any, *, epochs: int | N
     first, see :mod:`pipeline.runs`)."""
     import ray.train
 
-    from surgery.preprocess import model_preprocessing
+    from surgery.recipe import model_preprocessing
 
     from .readers import augment_source_config, image_dataset
     from .runtime import ensure_ray

@@ -26,7 +26,7 @@ import torch.fx as fx
 
 import surgery
 from surgery.objective import loss_specs
-from surgery.preprocess import model_preprocessing
+from surgery.recipe import model_preprocessing
 
 from .manifest import PREDICTIONS_FORMAT, PredictionsManifest, SourceInfo
 from .output import OutputJob, Written, write_output

@@ -4,7 +4,8 @@
 ``n_in`` is left open and inferred by shape propagation when the model is built.
 Plain ``torch.nn.Module``s are accepted by the builder too; :func:`surgery.specs.describe`
 says how a module is written into a recipe. Losses live in :mod:`surgery.losses`
-(``emit_logits``, ``compute_loss`` and ``probabilities`` are re-exported here).
+(``compute_loss`` and ``probabilities`` are re-exported here), activations in
+:mod:`surgery.activations`.
 
 Dropout follows DL4J: ``dropout`` is the probability of dropping each *input* of the
 layer while training (Keras puts it after the layer; the computation is the same one
@@ -16,13 +17,15 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import LOSSES, canonical_loss, compute_loss, emit_logits, probabilities
+from .activations import ACTIVATIONS
+from .losses import LOSSES, canonical_loss, compute_loss, probabilities
 
 __all__ = [
     "Layer",
@@ -41,26 +44,6 @@ __all__ = [
     "probabilities",
     "layer_generator",
 ]
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "identity": lambda x: x,
-    "linear": lambda x: x,
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "leaky_relu": F.leaky_relu,
-    "elu": F.elu,
-    "selu": F.selu,
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "mish": F.mish,
-    "hardswish": F.hardswish,
-    "softplus": F.softplus,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "softmax": lambda x: F.softmax(x, dim=1),
-    "log_softmax": lambda x: F.log_softmax(x, dim=1),
-}
 
 WEIGHT_INITS = (
     "xavier", "xavier_uniform", "relu", "he", "relu_uniform", "he_uniform", "lecun",
@@ -400,3 +383,18 @@ class Convolution(Layer):
 
 
 LAYER_TYPES: dict[str, type[Layer]] = {"Dense": Dense, "Output": Output, "Convolution": Convolution}
+
+
+@contextmanager
+def emit_logits(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every :class:`Output` layer of ``model`` returns its
+    pre-activation values, which the losses expect."""
+    outputs = [m for m in model.modules() if isinstance(m, Output)]
+    before = [m.emit_logits for m in outputs]
+    for m in outputs:
+        m.emit_logits = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(outputs, before):
+            m.emit_logits = b

@@ -4,17 +4,14 @@ names its loss; :mod:`surgery.objective` sums the losses of a model's outputs.""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-__all__ = ["LOSSES", "canonical_loss", "emit_logits", "compute_loss", "probabilities"]
+from .activations import ACTIVATIONS
 
-ACTIVATION_NAMES = ("identity", "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu", "swish",
-                    "mish", "hardswish", "softplus", "tanh", "sigmoid", "softmax", "log_softmax")
+__all__ = ["LOSSES", "canonical_loss", "compute_loss", "probabilities"]
+
+ACTIVATION_NAMES = tuple(ACTIVATIONS)
 
 # loss name -> activations it may follow (DL4J's combinations, with logits allowed as "identity")
 LOSSES: dict[str, tuple[str, ...]] = {
@@ -31,23 +28,6 @@ def canonical_loss(name: str) -> str:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(list(LOSSES) + sorted(_LOSS_ALIASES))}")
     return name
-
-
-@contextmanager
-def emit_logits(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every :class:`Output` layer of ``model`` returns its
-    pre-activation values, which the losses expect."""
-    from .layers import Output
-
-    outputs = [m for m in model.modules() if isinstance(m, Output)]
-    before = [m.emit_logits for m in outputs]
-    for m in outputs:
-        m.emit_logits = True
-    try:
-        yield model
-    finally:
-        for m, b in zip(outputs, before):
-            m.emit_logits = b
 
 
 def _targets_for(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -85,8 +65,6 @@ def compute_loss(loss: str, values: torch.Tensor, target: torch.Tensor, activati
         else:
             out = F.binary_cross_entropy(values.clamp(1e-7, 1 - 1e-7), t, reduction="none")
         return _reduce(out, reduction)
-    from .layers import ACTIVATIONS
-
     out = ACTIVATIONS[act](values) if logits else values
     t = _targets_for(out, target)
     per = F.mse_loss(out, t, reduction="none") if loss == "mse" else F.l1_loss(out, t, reduction="none")
@@ -115,6 +93,4 @@ def probabilities(loss: str, values: torch.Tensor, activation: str | None, logit
         return F.softmax(values, dim=1)
     if loss == "bce":
         return values if (not logits and act == "sigmoid") else torch.sigmoid(values)
-    from .layers import ACTIVATIONS
-
     return ACTIVATIONS[act](values) if logits else values

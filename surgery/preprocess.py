@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-__all__ = ["PreprocessConfig", "model_preprocessing", "decode_image", "resize_crop", "preprocess_bytes", "normalize",
+__all__ = ["PreprocessConfig", "decode_image", "resize_crop", "preprocess_bytes", "normalize",
            "Geometry", "geometry", "MAX_IMAGE_PIXELS", "CROP_MODES", "DCT_MARGIN", "JPEG_TOLERANCE", "dct_scale"]
 
 # Images with more pixels are refused before their pixels are decoded (Pillow's own
@@ -105,22 +105,6 @@ class PreprocessConfig:
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
-
-
-def model_preprocessing(model: Any, override: "PreprocessConfig | dict | None" = None,
-                        image_size: int | None = None) -> PreprocessConfig:
-    """``model``'s preprocessing, replaced by ``override`` (a config, or some of its fields)
-    and/or resized to ``image_size``."""
-    from .recipe import get_info
-
-    config = get_info(model).preprocessing
-    if isinstance(override, dict):
-        config = PreprocessConfig.from_dict({**config.to_dict(), **override})
-    elif isinstance(override, PreprocessConfig):
-        config = override
-    if image_size is not None:
-        config = config.with_size(int(image_size))
-    return config
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from .preprocess import PreprocessConfig
 if TYPE_CHECKING:
     from .finetune import FineTuneConfiguration
 
-__all__ = ["ModelInfo", "get_info", "set_info_", "RECIPE_FORMAT"]
+__all__ = ["ModelInfo", "get_info", "set_info_", "model_preprocessing", "RECIPE_FORMAT"]
 
 RECIPE_FORMAT = "freezeray.recipe/1"
 _KEY = "freezeray"
@@ -88,3 +88,17 @@ def set_info_(model: fx.GraphModule, info: ModelInfo) -> None:
         model.meta = {}
     model.meta[_KEY] = info
     model.__dict__[_ATTR] = info
+
+
+def model_preprocessing(model: Any, override: PreprocessConfig | dict | None = None,
+                        image_size: int | None = None) -> PreprocessConfig:
+    """``model``'s preprocessing, replaced by ``override`` (a config, or some of its fields)
+    and/or resized to ``image_size``."""
+    config = get_info(model).preprocessing
+    if isinstance(override, dict):
+        config = PreprocessConfig.from_dict({**config.to_dict(), **override})
+    elif isinstance(override, PreprocessConfig):
+        config = override
+    if image_size is not None:
+        config = config.with_size(int(image_size))
+    return config

@@ -1,6 +1,6 @@
-"""The codebase's shape: no import cycle among the project's modules (module-level
-imports; imports inside functions are how a cycle is deliberately broken), and no module
-over 550 lines."""
+"""The codebase's shape: no import cycle among the project's modules, neither through
+module-level imports nor through imports inside functions (a function-level import may
+defer a cost, never hide a cycle), and no module over 550 lines."""
 
 import ast
 import pathlib
@@ -19,45 +19,57 @@ def _modules() -> dict[str, pathlib.Path]:
     return found
 
 
-def _imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
-    """Project modules imported at module level (TYPE_CHECKING blocks left out)."""
+def _import_nodes(tree: ast.AST, deep: bool) -> list[ast.stmt]:
+    """The import statements of a module: at module level (inside ``if``/``try`` too), and
+    with ``deep`` inside functions and classes as well; ``TYPE_CHECKING`` blocks left out."""
+    found: list[ast.stmt] = []
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for sub in child.orelse:
+                    visit_one(sub)
+                continue
+            visit_one(child)
+
+    def visit_one(child: ast.AST) -> None:
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            found.append(child)
+        elif isinstance(child, (ast.If, ast.Try, ast.ExceptHandler, ast.With)) or (
+                deep and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.stmt,
+                                            ast.excepthandler))):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def _imports(name: str, path: pathlib.Path, known: set[str], deep: bool = False) -> set[str]:
+    """Project modules imported at module level (with ``deep``, inside functions too)."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
-
-    def visit(body):
-        for node in body:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                continue
-            if isinstance(node, (ast.If, ast.Try)):
-                visit(node.body)
-                visit(getattr(node, "orelse", []))
-                for handler in getattr(node, "handlers", []):
-                    visit(handler.body)
-            elif isinstance(node, ast.Import):
-                out.update(a.name for a in node.names if a.name in known)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                    target = f"{base}.{node.module}" if node.module else base
-                else:
-                    target = node.module or ""
-                for alias in node.names:
-                    if f"{target}.{alias.name}" in known:
-                        out.add(f"{target}.{alias.name}")
-                    elif target in known:
-                        out.add(target)
-
-    visit(tree.body)
+    for node in _import_nodes(tree, deep):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name in known)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                if f"{target}.{alias.name}" in known:
+                    out.add(f"{target}.{alias.name}")
+                elif target in known:
+                    out.add(target)
     out.discard(name)
     return out
 
 
-def test_no_import_cycles():
-    modules = _modules()
-    graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     state: dict[str, int] = {}
-    cycles = []
+    cycles: list[list[str]] = []
 
     def walk(node, stack):
         state[node] = 1
@@ -71,8 +83,24 @@ def test_no_import_cycles():
     for name in sorted(graph):
         if name not in state:
             walk(name, [name])
+    return cycles
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    cycles = _cycles(graph)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
     assert {"surgery.graph", "surgery.recipe"} <= graph["surgery.summary"]  # the walk sees real imports
+
+
+def test_no_import_cycles_through_function_level_imports():
+    modules = _modules()
+    graph = {name: _imports(name, path, set(modules), deep=True) for name, path in modules.items()}
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles through imports inside functions: " + "; ".join(" -> ".join(c) for c in cycles)
+    shallow = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    assert any(graph[m] > shallow[m] for m in graph)  # the deep walk sees the imports inside functions
 
 
 def test_no_module_over_550_lines():
