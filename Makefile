@@ -23,8 +23,8 @@ bench-smoke: $(STAMP)
 	$(PYTEST) -m benchmark
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check surgery pipeline jobs benchmarks tests
-	$(VENV)/bin/mypy surgery
+	$(VENV)/bin/ruff check freezeray surgery pipeline jobs benchmarks tests
+	$(VENV)/bin/mypy freezeray surgery
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

@@ -35,8 +35,8 @@ def baseline_epochs(model: Any, paths: list[str], labels: list[int], config: Any
     """End-to-end training of the frozen model from images: each epoch decodes every image
     and runs the frozen backbone again. Returns cumulative seconds after each epoch."""
     import surgery
+    from pipeline.decode import normalize
     from surgery.layers import emit_logits
-    from surgery.preprocess import normalize
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

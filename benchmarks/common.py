@@ -98,7 +98,7 @@ class _Files(torch.utils.data.Dataset):
     """Decode + resize + crop in DataLoader workers: the same preprocessing freezeray does."""
 
     def __init__(self, paths: Sequence[str], config: dict) -> None:
-        from surgery.preprocess import PreprocessConfig
+        from freezeray.images import PreprocessConfig
 
         self.paths = list(paths)
         self.config = PreprocessConfig.from_dict(config)
@@ -107,7 +107,7 @@ class _Files(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from surgery.preprocess import preprocess_bytes
+        from freezeray.images import preprocess_bytes
 
         with open(self.paths[i], "rb") as f:
             return torch.from_numpy(preprocess_bytes(f.read(), self.config))
@@ -118,7 +118,8 @@ def baseline_featurize(frozen: torch.nn.Module, paths: Sequence[str], config: di
     """The loop a careful user writes: a DataLoader with worker processes decoding the
     files, the frozen model under inference_mode, features saved with NumPy. Returns
     timings, split into time waiting for data, model time and write time."""
-    from surgery.preprocess import PreprocessConfig, normalize
+    from freezeray.images import PreprocessConfig
+    from pipeline.decode import normalize
 
     torch.set_num_threads(threads)
     cfg = PreprocessConfig.from_dict(config)

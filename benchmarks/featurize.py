@@ -42,8 +42,9 @@ def stage_costs(paths: list[Path], model: Any, config: Any, batch_size: int, thr
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from freezeray.images import preprocess_bytes
+    from pipeline.decode import normalize
     from surgery import split
-    from surgery.preprocess import normalize, preprocess_bytes
 
     sample = paths[: min(len(paths), 128)]
     t = time.perf_counter()
@@ -75,7 +76,7 @@ def stage_costs(paths: list[Path], model: Any, config: Any, batch_size: int, thr
 def old_preprocess(data: bytes, config: Any) -> np.ndarray:
     """The CPU preprocessing as it was before the JPEG fast path (kept here to be measured
     against): PIL decodes the whole image, the whole image is resized, then cropped."""
-    from surgery.preprocess import _RESAMPLE, _pad, decode_image, geometry
+    from freezeray.images import _RESAMPLE, _pad, decode_image, geometry
 
     _, out_h, out_w = config.input_size
     img = decode_image(data, config.input_size[0])
@@ -89,7 +90,7 @@ def old_preprocess(data: bytes, config: Any) -> np.ndarray:
 
 def _preprocess_share(args: tuple[str, list[str], dict]) -> tuple[int, float]:
     """One worker process's share: (images, CPU seconds) for ``which`` path."""
-    from surgery.preprocess import PreprocessConfig, preprocess_bytes
+    from freezeray.images import PreprocessConfig, preprocess_bytes
 
     which, paths, config_dict = args
     config = PreprocessConfig.from_dict(config_dict)
@@ -111,7 +112,7 @@ def preprocess_rates(sets: dict[str, list[str]], configs: dict[str, Any], repeat
     import multiprocessing as mp
     import os
 
-    from surgery.preprocess import preprocess_bytes
+    from freezeray.images import preprocess_bytes
 
     processes = processes or os.cpu_count() or 1
     rows = []
@@ -157,7 +158,8 @@ def jpeg_accuracy(side: int = 1024, image_size: int = 96, seed: int = 0) -> dict
     from sklearn.model_selection import train_test_split
 
     import surgery
-    from surgery.preprocess import dct_scale, normalize, preprocess_bytes
+    from freezeray.images import dct_scale, preprocess_bytes
+    from pipeline.decode import normalize
 
     from .sweep import demo_model
 

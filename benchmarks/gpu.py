@@ -7,7 +7,7 @@ In order (each check records what it asserted and what it measured):
 
 1. **pixels**: the batched decoder of ``decode="gpu"`` (nvJPEG through
    ``torchvision.io.decode_jpeg`` on the device, resize and crop as tensors) against the
-   CPU path (:func:`surgery.preprocess.preprocess_bytes`) on the same JPEGs, small and
+   CPU path (:func:`freezeray.images.preprocess_bytes`) on the same JPEGs, small and
    2,000-4,000 px: every image within :data:`pipeline.decode.PIXEL_TOLERANCE`;
 2. **features, GPU decode vs CPU decode**: ``featurize`` with ``decode="gpu"`` and
    ``decode="cpu"`` on GPU actors (fp16 autocast on, ``channels_last``, the actors'
@@ -104,10 +104,10 @@ def run(images: int = 20000, dry: bool = False, time_limit: float = 480.0, check
     """Every check in order (see the module docstring); ``dry`` (or no CUDA): on the CPU.
     ``min_accuracy``: what the head must reach on the held-out digits after 5 epochs."""
     import pipeline
+    from freezeray.images import PreprocessConfig, preprocess_bytes
     from jobs.demo import write_digits
     from pipeline import Resources
     from pipeline.decode import PIXEL_TOLERANCE, decode_batch, mean_difference
-    from surgery.preprocess import PreprocessConfig, preprocess_bytes
 
     cuda = torch.cuda.is_available() and not dry
     device = torch.device("cuda" if cuda else "cpu")

@@ -27,11 +27,11 @@ def synthetic_features(model: Any, out: str, rows: int, classes: int = 4, rows_p
     """A committed feature set of ``rows`` random features (separable by class) that
     ``fit_head`` accepts for ``model``: the same parts and manifest as featurize."""
     import surgery
+    from freezeray import storage
     from pipeline.commit import commit_version
     from pipeline.features import FeatureSet
     from pipeline.manifest import FeaturesManifest, Part, Shard, SourceInfo
     from pipeline.shards import to_arrow_columns, write_table
-    from surgery import storage
 
     parts = surgery.split(model)
     width = 1280

@@ -24,8 +24,9 @@ def run(images: int = 256) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     import surgery
+    from freezeray.images import preprocess_bytes
+    from pipeline.decode import normalize
     from pipeline.shards import to_arrow_columns, write_table
-    from surgery.preprocess import normalize, preprocess_bytes
 
     root = DATA / f"jpegs-{images}"
     paths = sorted(write_jpegs(root, images))

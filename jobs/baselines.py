@@ -40,7 +40,8 @@ from torch import nn
 
 import pipeline
 import surgery
-from surgery import TransferLearning, storage
+from freezeray import storage
+from surgery import TransferLearning
 from surgery.layers import Output
 
 from .config import RunConfig

@@ -29,7 +29,8 @@ import uuid
 import torch
 import torch.fx as fx
 
-from surgery import storage
+from freezeray import storage
+from freezeray.errors import InvalidInput
 
 from .config import RunConfig
 
@@ -38,7 +39,7 @@ __all__ = ["check_config", "CheckFailed"]
 log = logging.getLogger(__name__)
 
 
-class CheckFailed(ValueError):
+class CheckFailed(InvalidInput, ValueError):
     """Every problem the check found, each with its config path."""
 
     def __init__(self, source: str, problems: list[str]) -> None:

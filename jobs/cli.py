@@ -21,6 +21,8 @@ import time
 import traceback
 from typing import Any, Callable
 
+from freezeray.errors import DataUnavailable, FreezerayError, InvalidInput, OutputConflict
+
 from .errors import CliError
 
 __all__ = ["main", "main_for", "classify", "version", "STEPS", "EXIT_CODES"]
@@ -82,7 +84,7 @@ def version() -> str:
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-    for name in ("surgery", "pipeline", "jobs"):
+    for name in ("freezeray", "surgery", "pipeline", "jobs"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
         logger.handlers[:] = [handler]
@@ -108,7 +110,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def classify(exc: BaseException) -> CliError | None:
-    """The exit code and message of an expected failure; None for anything else."""
+    """The exit code and message of an expected failure; None for anything else. By class
+    (:mod:`freezeray.errors`), over the error and its causes: a config or check failure
+    with its problem list, a run name taken, out of memory, then data, storage and output
+    errors, then invalid input."""
     from jobs.check import CheckFailed
     from jobs.config import ConfigError
     from pipeline.runs import RunMismatch
@@ -119,8 +124,8 @@ def classify(exc: BaseException) -> CliError | None:
         if isinstance(e, CliError):
             return e
         if isinstance(e, RunMismatch):
-            hint = "set training.run_name to another name, or rerun with --overwrite (training.overwrite: true) to start it again"
-            return CliError(2, f"training.run_name: {e.describe(hint)}")
+            hint = f"set {e.config_path} to another name, or rerun with --overwrite (training.overwrite: true) to start it again"
+            return CliError(e.exit_code, f"{e.config_path}: {e.describe(hint)}")
         if isinstance(e, (ConfigError, CheckFailed)):
             return CliError(2, f"{getattr(e, 'source', '') or 'the config'}: {len(e.problems)} problem"
                                f"{'s' if len(e.problems) != 1 else ''}", list(e.problems))
@@ -130,23 +135,16 @@ def classify(exc: BaseException) -> CliError | None:
         return CliError(6, f"out of memory: {_first_line(chain[-1])}",
                         ["hint: lower the batch size (featurize.batch_size, training.batch_size) or give each "
                          "worker more memory"])
-    for e in chain:
-        kind = type(e).__name__
-        if kind in ("LeaseHeld", "LeaseLost"):
-            return CliError(4, _first_line(e))
-        if kind == "StorageUnavailable":
-            return CliError(3, _first_line(e))
-        if kind == "FeatureMismatch":
-            return CliError(5, _first_line(e))
+    for e in chain:  # data, storage and outputs first: their codes say more than a ValueError below them
+        if isinstance(e, FreezerayError) and not isinstance(e, InvalidInput):
+            return CliError(e.exit_code, _first_line(e))
         if isinstance(e, FileExistsError):
-            return CliError(5, _first_line(e))
-        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) \
-                or kind == "CheckpointError":
-            return CliError(3, _first_line(e))
+            return CliError(OutputConflict.exit_code, _first_line(e))
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return CliError(DataUnavailable.exit_code, _first_line(e))
     for e in chain:
-        kind = type(e).__name__
-        if kind in ("WeightsError", "VertexError", "ShapeError", "SchemaError") or isinstance(e, (ValueError, TypeError)):
-            return CliError(2, _first_line(e))
+        if isinstance(e, (InvalidInput, ValueError, TypeError)):
+            return CliError(InvalidInput.exit_code, _first_line(e))
     return None
 
 

@@ -47,11 +47,12 @@ from pydantic import (
     model_validator,
 )
 
+from freezeray.errors import InvalidInput
+from freezeray.schema import Schema, SchemaError, problems_of
 from pipeline.resources import Resources
 from pipeline.stages import Stage
 from surgery.edits import SurgeryOp, from_short_form
 from surgery.finetune import FineTuneConfiguration
-from surgery.schema import Schema, SchemaError, problems_of
 from surgery.training import DEFAULT_MAX_EPOCHS
 
 __all__ = ["RunConfig", "ConfigError", "load_config", "parse_config", "SweepSection", "ReportSection", "SPACE_FORMS"]
@@ -60,7 +61,7 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput, ValueError):
     """Every problem found in a config, one per line, each with its path."""
 
     def __init__(self, source: str, problems: list[str]) -> None:

@@ -39,7 +39,8 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from surgery import storage
+from freezeray import storage
+from freezeray.errors import InvalidInput
 
 __all__ = ["init_config", "inspect_images", "ConfigExists", "HEADS", "SPLIT_FILES"]
 
@@ -56,7 +57,7 @@ _SAMPLE = 500  # images decoded in full for their sizes and readability
 SPLIT_FILES = ("freezeray-train.csv", "freezeray-test.csv")
 
 
-class ConfigExists(ValueError):
+class ConfigExists(InvalidInput, ValueError):
     """The config to write exists and ``force`` was not given: init did not write it, or
     it was edited since."""
 
@@ -88,7 +89,7 @@ def _surgery(model: str, classes: int) -> list[str]:
 
 def _readable(path: str, storage_options: dict[str, Any] | None) -> tuple[int, int] | Exception:
     """The image's size, decoded in full by the pipeline's decoder, or why it cannot be."""
-    from surgery.preprocess import decode_image
+    from freezeray.images import decode_image
 
     try:
         return decode_image(storage.read_bytes(path, storage_options)).size

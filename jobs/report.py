@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 import surgery
-from surgery import storage
+from freezeray import storage
 
 from .outcome import RunOutcome, error_groups
 

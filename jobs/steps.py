@@ -14,7 +14,8 @@ import torch.fx as fx
 
 import pipeline
 import surgery
-from surgery import TransferLearning, storage
+from freezeray import storage
+from surgery import TransferLearning
 
 from .baselines import Baseline, compute_baselines
 from .config import RunConfig

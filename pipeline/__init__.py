@@ -1,14 +1,14 @@
 """Ray Data and Ray Train for transfer learning: image sources, featurization, feature
 sets, head training, fine-tuning, evaluation and prediction.
 
-The names are imported on first use (see :mod:`surgery.lazy`).
+The names are imported on first use (see :mod:`freezeray.lazy`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from surgery.lazy import lazy_package
+from freezeray.lazy import lazy_package
 
 # name -> the submodule that defines it (None: the name is a submodule)
 _EXPORTS: dict[str, str | None] = {

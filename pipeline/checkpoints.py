@@ -34,7 +34,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from surgery import storage
+from freezeray import storage
+from freezeray.errors import DataUnavailable
 from surgery.training import TrainState
 
 __all__ = ["CheckpointError", "checkpoint_files", "read_checkpoint", "read_folder", "write_folder", "RunFolder",
@@ -46,7 +47,7 @@ CHECKPOINT_FILES = ("model.safetensors", "best.safetensors", "state.pt")
 META = "meta.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DataUnavailable, RuntimeError):
     """A checkpoint that is partial or corrupt, or no usable checkpoint to resume from."""
 
 

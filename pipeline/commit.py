@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from surgery import storage
+from freezeray import storage
 
 from .manifest import parse_manifest
 from .shards import (

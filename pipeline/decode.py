@@ -8,9 +8,9 @@ through the object store, and each model actor decodes its batch where it runs:
 * JPEGs (recognised by their magic bytes) go through ``torchvision.io.decode_jpeg`` on a
   list of tensors with ``device`` set (nvJPEG on CUDA, batched), then are resized
   (antialiased), padded and centre-cropped as the model's ``crop_mode`` says (see
-  :func:`surgery.preprocess.geometry`), as tensors on the same device;
+  :func:`freezeray.images.geometry`), as tensors on the same device;
 * other formats, and any JPEG the batched decoder refuses, take the CPU path of
-  :mod:`surgery.preprocess` (PIL), one file at a time, which gives the same error rows
+  :mod:`freezeray.images` (PIL), one file at a time, which gives the same error rows
   as CPU decoding does (the same messages, the same decompression-bomb check, made from
   the header before decoding).
 
@@ -26,7 +26,7 @@ it ships with the pinned torchvision and has run here, while TorchCodec (``torch
 0.17 works with torch 2.14.1) would be one more CUDA-specific wheel whose batched GPU JPEG
 decoding has not been measured on this project's GPU machines; ``benchmarks/gpu.py``
 measures this path, and is where a switch would be checked. The CPU read tasks do not use
-torchvision at all (:func:`surgery.preprocess.preprocess_bytes`, torch-free).
+torchvision at all (:func:`freezeray.images.preprocess_bytes`, torch-free).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, geometry, preprocess_bytes
+from freezeray.images import MAX_IMAGE_PIXELS, PreprocessConfig, geometry, preprocess_bytes
 
 __all__ = ["decode_batch", "is_jpeg", "resize_crop_tensor", "PIXEL_TOLERANCE"]
 
@@ -64,7 +64,7 @@ def _header_size(data: bytes) -> tuple[int, int]:
 def resize_crop_tensor(img: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     """(C, H, W) uint8 -> (H', W', C) uint8: resized (antialiased), padded and cropped to
     the input size as ``config.crop_mode`` says, the same geometry as
-    :func:`surgery.preprocess.resize_crop` (:func:`surgery.preprocess.geometry`)."""
+    :func:`freezeray.images.resize_crop` (:func:`freezeray.images.geometry`)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
@@ -158,3 +158,12 @@ def mean_difference(a: np.ndarray | Any, b: np.ndarray | Any) -> tuple[float, fl
     """(mean, 99th percentile) of the absolute difference of two uint8 images."""
     d = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
     return float(d.mean()), float(np.percentile(d, 99))
+
+
+def normalize(batch: torch.Tensor, config: PreprocessConfig, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> normalised float (B, C, H, W)."""
+    dtype = dtype or torch.float32
+    mean = torch.tensor(config.mean, dtype=dtype, device=batch.device).view(1, -1, 1, 1)
+    std = torch.tensor(config.std, dtype=dtype, device=batch.device).view(1, -1, 1, 1)
+    x = batch.permute(0, 3, 1, 2).to(dtype).div_(255.0)  # (B, H, W, C) -> (B, C, H, W)
+    return x.sub_(mean).div_(std)

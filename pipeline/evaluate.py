@@ -24,12 +24,13 @@ import pyarrow as pa
 import torch
 import torch.fx as fx
 
-from surgery import storage
+from freezeray import storage
+from freezeray.images import PreprocessConfig
 from surgery.helper import split
 from surgery.layers import compute_loss, emit_logits, probabilities
 from surgery.objective import LossSpec, loss_specs
-from surgery.preprocess import PreprocessConfig, normalize
 
+from .decode import normalize
 from .features import FeatureSet
 from .readers import ReadSpec, decode_memory, readable, rows_dataset, source_rows
 from .resources import Resources

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from surgery import storage
+from freezeray import storage
+from freezeray.errors import OutputConflict
 
 from .commit import errors_of, latest
 from .manifest import FEATURES_FORMAT, FeaturesManifest, Shard, probe_problem, probe_sample
@@ -18,7 +19,7 @@ from .shards import MANIFEST, read_table
 
 __all__ = ["FeatureSet", "FEATURES_FORMAT", "FeatureMismatch", "split_rows"]
 
-class FeatureMismatch(ValueError):
+class FeatureMismatch(OutputConflict, ValueError):
     """Features made by a different frozen graph than the model they are used with."""
 
 

@@ -40,13 +40,14 @@ import torch
 import torch.fx as fx
 
 import surgery
+from freezeray.images import MAX_IMAGE_PIXELS, PreprocessConfig
 from surgery.fingerprint import probe as frozen_probe
 from surgery.freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes
 from surgery.graph import example_input
 from surgery.helper import split
-from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, normalize
 from surgery.recipe import model_preprocessing
 
+from .decode import normalize
 from .features import FeatureSet
 from .manifest import FEATURES_FORMAT, FeaturesManifest, SourceInfo, probe_sample
 from .output import OutputJob, Progress, Written, classes_of, write_output

@@ -16,7 +16,8 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 import pyarrow as pa
 
-from surgery import storage
+from freezeray import storage
+from freezeray.errors import InvalidInput
 
 __all__ = ["ImageSource", "InputShard", "SourceError", "ReadOptions", "samples", "first_sample", "Cut", "sample_label", "parse_label",
            "image_column", "hf_class_names", "parquet_schema", "read_table", "resolve_paths", "label_column",
@@ -26,7 +27,7 @@ WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # webdataset's image extensions
 _BINARY_NAMES = ("jpg", "jpeg", "png", "webp", "image", "img", "bytes")
 
 
-class SourceError(ValueError):
+class SourceError(InvalidInput, ValueError):
     """An image source that cannot be used as it is (names the source and what to do)."""
 
 

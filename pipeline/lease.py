@@ -24,7 +24,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from surgery import storage
+from freezeray import storage
+from freezeray.errors import OutputBusy
 
 __all__ = ["LEASE", "OutputLease", "LeaseHeld", "LeaseLost", "assert_held"]
 
@@ -35,11 +36,11 @@ LEASE = "_lock.json"
 _ACTIVE: set[str] = set()  # owners of the leases this process holds now
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(OutputBusy, RuntimeError):
     """Another live job is writing to the same output."""
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(OutputBusy, RuntimeError):
     """This job's lease was taken over (it was judged dead): it must stop writing."""
 
 

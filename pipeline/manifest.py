@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from surgery.schema import Schema
+from freezeray.schema import Schema
 
 __all__ = ["probe_sample", "probe_problem", "ShardPlan", "InputRef", "Part", "Shard", "SourceInfo", "FeaturesManifest", "PredictionsManifest",
            "FEATURES_FORMAT", "PREDICTIONS_FORMAT", "ERRORS", "parse_manifest"]

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from surgery import storage
+from freezeray import storage
 
 from .commit import clean, commit_version, done_shards, latest, rewrite, seal
 from .lease import OutputLease
@@ -269,7 +269,7 @@ def _near(node: str) -> dict[str, Any]:
 def unwrapped(exc: BaseException) -> BaseException:
     """The exception a user can act on inside Ray's wrappers (a storage outage, a lost
     lease, a bad source; Ray keeps the original as ``cause``), else ``exc``."""
-    from surgery.storage import StorageUnavailable
+    from freezeray.storage import StorageUnavailable
 
     from .lease import LeaseLost
     from .sources import SourceError

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from surgery import storage
+from freezeray import storage
 
 from .manifest import InputRef, Part, Shard
 from .shards import INPUTS, read_table

@@ -12,7 +12,7 @@ complete without the driver ever listing them). A shard with no rows yields one 
 Bad data is an error row, never a failed job: an image that does not decode, a sample
 without an image, a label that does not parse, and a tar truncated mid-member (the rows
 before the cut are kept; the cut is one error row naming the shard). Storage that is down
-is not bad data: reads are retried (:func:`surgery.storage.retrying`) and a tar stream cut
+is not bad data: reads are retried (:func:`freezeray.storage.retrying`) and a tar stream cut
 by a transient error is reopened and resumed after the samples already read.
 
 Ray Data's own ``read_webdataset`` is not used: it raises on a truncated tar or a bad
@@ -30,8 +30,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from surgery import storage
-from surgery.preprocess import MAX_IMAGE_PIXELS, PreprocessConfig, preprocess_bytes
+from freezeray import storage
+from freezeray.images import MAX_IMAGE_PIXELS, PreprocessConfig, preprocess_bytes
 
 from .formats import Cut, ImageSource, ReadOptions, parse_label, resolve_paths, sample_label, samples
 

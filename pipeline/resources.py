@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from surgery.schema import Schema
+from freezeray.schema import Schema
 
 __all__ = ["Resources"]
 

@@ -40,7 +40,8 @@ from typing import Any, Mapping
 import torch.fx as fx
 from torch import nn
 
-from surgery import storage
+from freezeray import storage
+from freezeray.errors import InvalidInput
 
 __all__ = ["RunMismatch", "claim_run", "restart_run", "model_definition", "images_definition", "features_definition",
            "fine_tune_definition", "data_definition", "describe", "RUN_RECORD", "RUN_FORMAT"]
@@ -61,10 +62,12 @@ _WHAT = {  # keys whose values are hashes, and what they stand for
 _HEX = re.compile(r"^[0-9a-f]{32}$")
 
 
-class RunMismatch(ValueError):
+class RunMismatch(InvalidInput, ValueError):
     """A run name already used, under the same storage, by a run with another definition
     (or by one that left no record of its definition). ``changes`` holds ``(key, old,
     new)`` for each setting that differs."""
+
+    config_path = "training.run_name"
 
     def __init__(self, run: str, uri: str, changes: list[tuple[str, Any, Any]], unrecorded: bool = False) -> None:
         self.run, self.uri, self.changes, self.unrecorded = run, uri, changes, unrecorded

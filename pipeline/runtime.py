@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import ray
 
-from surgery import storage
+from freezeray import storage
 
 __all__ = ["ensure_ray", "worker_env", "FORWARDED_PREFIX", "set_verbose", "is_verbose", "quiet_ray", "VERBOSE_ENV", "cluster_gpus", "cluster_cpus",
            "cpu_nodes", "pyarrow_filesystem", "actor_cpus", "ActorPlan", "plan_actors", "actor_memory", "CPU_ACTOR_ENV"]

@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from surgery import storage
+from freezeray import storage
 
 from .readers import readable
 

@@ -47,7 +47,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import pyarrow as pa
 
-from surgery import storage
+from freezeray import storage
 
 from .formats import (
     WDS_IMAGE_KEYS,

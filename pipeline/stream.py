@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from surgery import storage
+from freezeray import storage
 
 __all__ = ["StreamPlan", "plan_stream", "stream_batches", "validation_batches", "CHECKPOINT_EVERY_SHARDS",
            "BUFFER_ROWS", "LastBatch"]

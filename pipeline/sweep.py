@@ -41,8 +41,8 @@ import torch
 import torch.fx as fx
 
 import surgery
+from freezeray import storage as _storage  # sweep() has a `storage` argument
 from surgery import FineTuneConfiguration, TransferLearning
-from surgery import storage as _storage  # sweep() has a `storage` argument
 from surgery.freeze import is_frozen
 from surgery.graph import VertexError, resolve
 from surgery.helper import split

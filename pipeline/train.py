@@ -27,9 +27,9 @@ import torch
 import torch.fx as fx
 
 import surgery
+from freezeray.images import PreprocessConfig
 from surgery.finetune import FineTuneConfiguration
 from surgery.objective import LossSpec
-from surgery.preprocess import PreprocessConfig, normalize
 from surgery.training import (
     Stopping,
     TrainState,
@@ -46,6 +46,7 @@ from .checkpoints import (
     resume_from_ray,
     write_folder,
 )
+from .decode import normalize
 from .resources import Resources
 from .stream import LastBatch
 

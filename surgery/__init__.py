@@ -1,14 +1,14 @@
 """Model surgery for transfer learning on ``torch.fx`` graphs: DL4J's TransferLearning,
 FineTuneConfiguration and TransferLearningHelper, plus summary and save/load.
 
-The names are imported on first use (see :mod:`surgery.lazy`).
+The names are imported on first use (see :mod:`freezeray.lazy`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .lazy import lazy_package
+from freezeray.lazy import lazy_package
 
 # name -> the submodule that defines it (None: the name is a submodule)
 _EXPORTS: dict[str, str | None] = {
@@ -41,13 +41,13 @@ _EXPORTS: dict[str, str | None] = {
     "LossSpec": "objective",
     "loss_specs": "objective",
     "objective": "objective",
-    "PreprocessConfig": "preprocess",
+    "PreprocessConfig": "freezeray.images",
     "ModelInfo": "recipe",
     "get_info": "recipe",
     "load": "serialize",
     "recipe_of": "serialize",
     "save": "serialize",
-    "SchemaError": "schema",
+    "SchemaError": "freezeray.schema",
     "Summary": "summary",
     "summary": "summary",
     "WeightsError": "weights",
@@ -56,6 +56,9 @@ _EXPORTS: dict[str, str | None] = {
 __all__ = lazy_package(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from freezeray.images import PreprocessConfig
+    from freezeray.schema import SchemaError
+
     from . import edits, layers, losses, specs, training, vertices, zoo
     from .builder import TransferLearning
     from .finetune import FineTuneConfiguration
@@ -66,9 +69,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .modules import TraceFailure, from_module
     from .objective import LossSpec, loss_specs, objective
     from .onnx_import import UnsupportedOnnx, import_onnx
-    from .preprocess import PreprocessConfig
     from .recipe import ModelInfo, get_info
-    from .schema import SchemaError
     from .serialize import load, recipe_of, save
     from .summary import Summary, summary
     from .weights import WeightsError

@@ -23,8 +23,9 @@ from pydantic import (
     model_validator,
 )
 
+from freezeray.schema import Schema, SchemaError, problems_of
+
 from .finetune import FineTuneConfiguration
-from .schema import Schema, SchemaError, problems_of
 
 __all__ = ["Op", "SetFeatureExtractor", "Freeze", "Unfreeze", "NOutReplace", "NInReplace", "RemoveVertexKeepConnections",
            "RemoveVertexAndConnections", "AddLayer", "AddVertex", "SetOutputs", "FineTuneOp", "SurgeryOp", "OP_NAMES",

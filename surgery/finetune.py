@@ -51,7 +51,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from .schema import Schema
+from freezeray.schema import Schema
 
 __all__ = ["FineTuneConfiguration", "UPDATERS", "SCHEDULES", "UPDATER_DEFAULTS", "UPDATER_SETTINGS"]
 

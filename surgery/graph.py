@@ -25,6 +25,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from freezeray.errors import InvalidInput
+
 __all__ = [
     "VertexError",
     "ShapeError",
@@ -46,11 +48,11 @@ log = logging.getLogger(__name__)
 SHAPE_KEY = "freezeray_shape"
 
 
-class VertexError(ValueError):
+class VertexError(InvalidInput, ValueError):
     """A vertex name that is not in the graph, or one that cannot be used as asked."""
 
 
-class ShapeError(ValueError):
+class ShapeError(InvalidInput, ValueError):
     """Two connected vertices disagree about a tensor's shape. ``vertex`` names the
     vertex that could not take its input (None when unknown)."""
 

@@ -21,8 +21,10 @@ from typing import Any, Sequence
 import torch.fx as fx
 from torch import nn
 
+from freezeray.errors import InvalidInput
+from freezeray.images import PreprocessConfig
+
 from .graph import Tracer, example_input, propagate_, vertex_of
-from .preprocess import PreprocessConfig
 from .recipe import ModelInfo, set_info_
 from .specs import describe
 
@@ -31,7 +33,7 @@ __all__ = ["from_module", "TraceFailure"]
 log = logging.getLogger(__name__)
 
 
-class TraceFailure(TypeError):
+class TraceFailure(InvalidInput, TypeError):
     """A module that torch.fx cannot trace, naming the submodule where it failed."""
 
 

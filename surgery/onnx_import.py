@@ -38,9 +38,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import storage
+from freezeray import storage
+from freezeray.errors import InvalidInput
+from freezeray.images import PreprocessConfig
+
 from .graph import example_input, propagate_, vertex_of
-from .preprocess import PreprocessConfig
 from .recipe import ModelInfo, set_info_
 
 __all__ = ["import_onnx", "UnsupportedOnnx", "PREPROCESSING_KEY"]
@@ -55,7 +57,7 @@ warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multid
                         module=r"onnx2torch\.")
 
 
-class UnsupportedOnnx(ValueError):
+class UnsupportedOnnx(InvalidInput, ValueError):
     """An ONNX graph with operators the converter has no conversion for."""
 
 

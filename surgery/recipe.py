@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch.fx as fx
 
-from .preprocess import PreprocessConfig
+from freezeray.images import PreprocessConfig
 
 if TYPE_CHECKING:
     from .finetune import FineTuneConfiguration

@@ -29,13 +29,15 @@ import torch.fx as fx
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from . import storage, zoo
+from freezeray import storage
+from freezeray.images import PreprocessConfig
+
+from . import zoo
 from .builder import _apply_dropout_defaults, apply_ops
 from .finetune import FineTuneConfiguration
 from .fingerprint import IDENTITY_SCHEME, PROBE_TOLERANCE, ProbeMismatch, fingerprint, probe, probe_difference, weights_hash
 from .freeze import apply_frozen_
 from .graph import example_input
-from .preprocess import PreprocessConfig
 from .recipe import RECIPE_FORMAT, get_info, set_info_
 from .weights import WeightsError, load_into_
 

@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load as safetensors_load
 from torch import nn
 
-from . import storage
+from freezeray import storage
+from freezeray.errors import InvalidInput
 
 __all__ = ["read_state_dict", "load_into_", "WeightsError"]
 
 
-class WeightsError(ValueError):
+class WeightsError(InvalidInput, ValueError):
     """A weights file that cannot be read safely or does not fit the model."""
 
 

@@ -27,8 +27,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from freezeray.images import PreprocessConfig
+
 from .graph import example_input, propagate_, trace, vertex_of
-from .preprocess import PreprocessConfig
 from .recipe import ModelInfo, set_info_
 from .weights import WeightsError, load_into_, read_state_dict
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from surgery import storage
+from freezeray import storage
 
 _NAME = re.compile(r"^(?:part-)?(\d+)-[0-9a-f]{12}\.parquet$")
 

@@ -32,7 +32,7 @@ def test_old_preprocessing_kept_for_the_benchmark_is_the_pil_path():
     """The benchmark's "before" is what the PIL path still computes (whole-image resize)."""
     from imagesets import draw, encode
 
-    from surgery.preprocess import PreprocessConfig, decode_image, resize_crop
+    from freezeray.images import PreprocessConfig, decode_image, resize_crop
 
     data = encode(draw("red_disc", __import__("numpy").random.default_rng(0), 300), "JPEG")
     for mode in ("center", "squash", "border"):

@@ -6,7 +6,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("surgery", "pipeline", "jobs")
+PACKAGES = ("freezeray", "surgery", "pipeline", "jobs")
 MAX_LINES = 550
 
 

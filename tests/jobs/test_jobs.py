@@ -298,8 +298,8 @@ def test_a_run_name_reused_with_another_fine_tune_is_refused_naming_the_change(r
 def test_failures_from_ray_workers_are_classified_by_their_cause():
     import ray.exceptions
 
+    from freezeray.storage import StorageUnavailable
     from pipeline import LeaseHeld
-    from surgery.storage import StorageUnavailable
 
     assert classify(ray.exceptions.OutOfMemoryError("Task was killed due to the node running low on memory")).code == 6
     wrapped = ray.exceptions.RayTaskError("read_and_decode", "Traceback ...", StorageUnavailable("s3 down"))

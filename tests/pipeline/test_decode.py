@@ -11,10 +11,10 @@ import torch
 from imagesets import bad_files, draw, encode, write_folder
 from PIL import Image
 
+from freezeray.images import preprocess_bytes
 from pipeline import Resources, featurize
 from pipeline.decode import PIXEL_TOLERANCE, decode_batch, is_jpeg, mean_difference
 from surgery import PreprocessConfig
-from surgery.preprocess import preprocess_bytes
 
 
 def _photos() -> dict[str, bytes]:

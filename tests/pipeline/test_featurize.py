@@ -12,6 +12,7 @@ from imagesets import bad_files, write_image_folder
 from outputs import sealed_shards
 
 import surgery
+from freezeray.images import preprocess_bytes
 from pipeline import (
     FeatureMismatch,
     FeatureSet,
@@ -20,8 +21,8 @@ from pipeline import (
     featurize,
     read_images,
 )
+from pipeline.decode import normalize
 from surgery import TransferLearning, TransferLearningHelper
-from surgery.preprocess import normalize, preprocess_bytes
 
 SIZE = 64
 

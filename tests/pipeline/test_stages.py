@@ -9,10 +9,10 @@ import torch
 import pipeline
 import pipeline.readers as readers
 import pipeline.train as train_module
+from freezeray.schema import SchemaError
 from pipeline import Stage, evaluate, finetune
 from surgery import FineTuneConfiguration, TransferLearning
 from surgery.augment import Augmentation, check_augment
-from surgery.schema import SchemaError
 from surgery.training import precision
 
 HEAD = ("fc1.", "fc2.")
@@ -148,7 +148,7 @@ def test_augmentation_is_fresh_every_epoch_and_the_same_for_the_same_seed():
 
 
 def test_the_training_stream_augments_each_epoch_differently():
-    from surgery.preprocess import PreprocessConfig
+    from freezeray.images import PreprocessConfig
 
     class Stream:  # the two batches a Ray Data shard would give, every epoch the same decoded squares
         def iter_torch_batches(self, **_):

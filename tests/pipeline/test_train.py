@@ -13,6 +13,7 @@ import torch
 from imagesets import bad_files, write_folder
 
 import surgery
+from freezeray.images import preprocess_bytes
 from pipeline import (
     FeatureMismatch,
     evaluate,
@@ -22,10 +23,10 @@ from pipeline import (
     predict,
     read_images,
 )
+from pipeline.decode import normalize
 from pipeline.head import choose_workers, default_batch_size
 from surgery import FineTuneConfiguration, TransferLearning
 from surgery.layers import Dense, Output, emit_logits
-from surgery.preprocess import normalize, preprocess_bytes
 from surgery.training import DEFAULT_PATIENCE
 
 

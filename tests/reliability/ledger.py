@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 import surgery
-from surgery.preprocess import normalize, preprocess_bytes
+from freezeray.images import preprocess_bytes
+from pipeline.decode import normalize
 
 
 @dataclass

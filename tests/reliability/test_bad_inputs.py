@@ -152,7 +152,7 @@ def test_a_decompression_bomb_is_refused_without_decoding_it(tmp_path, ledger):
     bomb.write_bytes(badfiles.png_bomb())
     script = f"""
 import json, resource
-from surgery.preprocess import decode_image
+from freezeray.images import decode_image
 data = open({str(bomb)!r}, "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:

@@ -19,9 +19,10 @@ from imagesets import write_image_folder
 from ledger import account, direct_features
 
 import surgery
+from freezeray import storage
 from pipeline import FeatureSet, Resources, featurize
 from pipeline.lease import LEASE, LeaseHeld, LeaseLost, OutputLease
-from surgery import TransferLearning, storage
+from surgery import TransferLearning
 
 
 def test_two_featurizations_racing_for_one_output_commit_once(ray_session, s3_server, s3_bucket, storage_options,

@@ -26,8 +26,9 @@ from outputs import sealed_shards
 from services import S3Server
 
 import surgery
+from freezeray import storage
 from pipeline import FeatureSet, Resources, featurize
-from surgery import TransferLearning, storage
+from surgery import TransferLearning
 
 pytestmark = pytest.mark.slow  # processes killed, servers stopped: minutes, still run by make test
 

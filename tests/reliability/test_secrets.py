@@ -11,9 +11,9 @@ import pytest
 import yaml
 from imagesets import write_image_folder
 
+from freezeray import storage
 from jobs.cli import main
 from pipeline import featurize, read_images
-from surgery import storage
 
 
 def _ray_logs() -> list[Path]:

@@ -9,7 +9,7 @@ import time
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from surgery import storage
+from freezeray import storage
 
 
 def _client_error(status: int, code: str) -> ClientError:

@@ -120,7 +120,8 @@ def _real_images(config) -> torch.Tensor:
     """The two scikit-learn sample photos and four digits, preprocessed for the model."""
     from sklearn.datasets import load_digits, load_sample_images
 
-    from surgery.preprocess import normalize, resize_crop
+    from freezeray.images import resize_crop
+    from pipeline.decode import normalize
 
     pictures = [Image.fromarray(img) for img in load_sample_images().images]
     digits = load_digits()
@@ -172,7 +173,7 @@ def test_onnx_from_object_storage_with_preprocessing_in_its_metadata(lite0_onnx,
 
     import onnx
 
-    from surgery import storage
+    from freezeray import storage
     from surgery.onnx_import import PREPROCESSING_KEY
 
     proto = onnx.load(str(lite0_onnx))

@@ -16,8 +16,8 @@ import pytest
 from imagesets import bad_files, draw, encode
 from PIL import Image
 
-import surgery.preprocess as prep
-from surgery.preprocess import JPEG_TOLERANCE, PreprocessConfig, dct_scale, decode_image, preprocess_bytes, resize_crop
+import freezeray.images as prep
+from freezeray.images import JPEG_TOLERANCE, PreprocessConfig, dct_scale, decode_image, preprocess_bytes, resize_crop
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
 import badfiles  # noqa: E402  (tests/reliability/badfiles.py: the odd and bad files of the reliability suite)
@@ -217,7 +217,7 @@ def test_the_read_tasks_stay_torch_free():
     """A read task imports pipeline.readers and preprocesses JPEGs: no torch (1.3 s and
     275 MB more per worker process)."""
     code = ("import sys, io; import pipeline.readers; from PIL import Image; "
-            "from surgery.preprocess import PreprocessConfig, preprocess_bytes; b = io.BytesIO(); "
+            "from freezeray.images import PreprocessConfig, preprocess_bytes; b = io.BytesIO(); "
             "Image.new('RGB', (1200, 900), 'red').save(b, 'JPEG'); preprocess_bytes(b.getvalue(), PreprocessConfig()); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from freezeray.schema import SchemaError
 from surgery import FineTuneConfiguration
-from surgery.schema import SchemaError
 
 # DL4J's name -> (torch class, settings that DL4J's defaults give it)
 DL4J = {

@@ -13,7 +13,8 @@ from safetensors.torch import save as st_save
 from sklearn.datasets import load_sample_image
 
 import surgery
-from surgery.preprocess import normalize, resize_crop
+from freezeray.images import resize_crop
+from pipeline.decode import normalize
 from surgery.vgg import VGG16
 
 ZOO = ["vgg16", "efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
@@ -162,7 +163,7 @@ def test_timm_architectures_preprocess_as_timm_does(arch, mode):
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
-    from surgery.preprocess import preprocess_bytes
+    from freezeray.images import preprocess_bytes
 
     config = surgery.get_info(surgery.zoo.skeleton(f"timm/{arch}")).preprocessing
     timm_config = resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(arch).to_dict())

@@ -25,7 +25,8 @@ class _Package(types.ModuleType):
 
 def lazy_package(name: str, exports: dict[str, str | None]) -> list[str]:
     """Make the package ``name`` import each of ``exports`` (name -> the submodule that
-    defines it; None: the name is a submodule) on first use. Returns its ``__all__``.
+    defines it, relative to the package, or a whole module name with a dot in it, such as
+    ``freezeray.images``; None: the name is a submodule) on first use. Returns its ``__all__``.
 
     Example:
         >>> __all__ = lazy_package(__name__, {"zoo": None, "TransferLearning": "builder"})
@@ -36,7 +37,10 @@ def lazy_package(name: str, exports: dict[str, str | None]) -> list[str]:
         if attr not in exports:
             raise AttributeError(f"module {name!r} has no attribute {attr!r}")
         where = exports[attr]
-        value = import_module(f".{attr}", name) if where is None else getattr(import_module(f".{where}", name), attr)
+        if where is None:
+            value = import_module(f".{attr}", name)
+        else:
+            value = getattr(import_module(where) if "." in where else import_module(f".{where}", name), attr)
         setattr(module, attr, value)
         return value
 

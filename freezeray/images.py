@@ -1,4 +1,8 @@
-"""The preprocessing a backbone expects, as data that travels with the model."""
+"""Images without torch: the preprocessing a backbone expects, as data that travels with
+the model (:class:`PreprocessConfig`), and the decoding, resizing and cropping to uint8
+pixels that the read tasks run (PIL, with libjpeg's DCT scaling for large JPEGs). What
+happens on the model's side, normalising a batch on its device, is
+:func:`pipeline.decode.normalize`; a model's own config is :func:`surgery.recipe.model_preprocessing`."""
 
 from __future__ import annotations
 
@@ -8,10 +12,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
     from PIL import Image
 
-__all__ = ["PreprocessConfig", "decode_image", "resize_crop", "preprocess_bytes", "normalize",
+__all__ = ["PreprocessConfig", "decode_image", "resize_crop", "preprocess_bytes",
            "Geometry", "geometry", "MAX_IMAGE_PIXELS", "CROP_MODES", "DCT_MARGIN", "JPEG_TOLERANCE", "dct_scale"]
 
 # Images with more pixels are refused before their pixels are decoded (Pillow's own
@@ -393,14 +396,3 @@ def _preprocess_jpeg(data: bytes, config: PreprocessConfig, max_pixels: int | No
             return _window(decoded, config, (width, height), scale)  # before ``img`` is closed
     except Exception:  # the PIL path decodes it again and names what is wrong
         return None
-
-
-def normalize(batch: "torch.Tensor", config: PreprocessConfig, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
-    """uint8 (B, H, W, C) -> normalised float (B, C, H, W)."""
-    import torch
-
-    dtype = dtype or torch.float32
-    mean = torch.tensor(config.mean, dtype=dtype, device=batch.device).view(1, -1, 1, 1)
-    std = torch.tensor(config.std, dtype=dtype, device=batch.device).view(1, -1, 1, 1)
-    x = batch.permute(0, 3, 1, 2).to(dtype).div_(255.0)  # (B, H, W, C) -> (B, C, H, W)
-    return x.sub_(mean).div_(std)

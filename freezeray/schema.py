@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from freezeray.errors import InvalidInput
+
 __all__ = ["Schema", "SchemaError", "problems_of", "join_path"]
 
 S = TypeVar("S", bound="Schema")
@@ -24,7 +26,7 @@ def join_path(a: str, b: str) -> str:
     return a + b if b.startswith("[") else f"{a}.{b}"
 
 
-class SchemaError(ValueError):
+class SchemaError(InvalidInput, ValueError):
     """Invalid settings: every problem, each as ``path: what is wrong``."""
 
     def __init__(self, what: str, items: list[tuple[str, str]]) -> None:

@@ -24,6 +24,8 @@ from typing import Any, Callable, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
+from freezeray.errors import DataUnavailable
+
 __all__ = ["filesystem", "join", "read_bytes", "write_bytes", "create_bytes", "delete", "exists", "is_local",
            "redact", "retrying", "is_transient", "StorageUnavailable", "retry_seconds"]
 
@@ -45,7 +47,7 @@ _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, e
 _TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling")
 
 
-class StorageUnavailable(ConnectionError):
+class StorageUnavailable(DataUnavailable, ConnectionError):
     """Storage kept failing with transient errors for the whole retry window."""
 
 
