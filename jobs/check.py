@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import uuid
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -189,18 +190,27 @@ def _check_surgery(cfg: RunConfig, model: fx.GraphModule, problems: list[str]) -
             built = builder.extend(usable).build()
         return built if len(usable) == len(cfg.surgery) else None
     except Exception as exc:
-        problems.append(f"{_culprit(cfg, str(exc))}: {_short(exc)}")
+        problems.append(f"{_culprit(cfg, exc)}: {_short(exc)}")
         return None
 
 
-def _culprit(cfg: RunConfig, message: str) -> str:
-    """The path of the op an error message is about: the last op that names a vertex
-    quoted in it (ops that read a vertex before ops that create one of that name)."""
+def _culprit(cfg: Any, exc: BaseException) -> str:
+    """The path of the op an error is about, from the error's data (never its wording):
+    the op the builder was applying (``exc.op``), else the last op that names the vertex
+    the error concerns (``exc.vertex``; ops that read a vertex before ops that create one
+    of that name), else ``surgery``."""
     paths = _op_paths(cfg)
-    for names_of in (lambda o: o.vertex_names(), lambda o: [getattr(o, "name", None) or ""]):
-        for op in reversed(cfg.surgery):
-            if any(n and f"'{n}'" in message for n in names_of(op)):
-                return paths[id(op)]
+    op = getattr(exc, "op", None)
+    if op is not None:
+        for o in reversed(cfg.surgery):
+            if o is op or o == op:
+                return paths[id(o)]
+    vertex = getattr(exc, "vertex", None)
+    if vertex:
+        for names_of in (lambda o: o.vertex_names(), lambda o: [getattr(o, "name", None) or ""]):
+            for o in reversed(cfg.surgery):
+                if vertex in names_of(o):
+                    return paths[id(o)]
     return "surgery"
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch.fx as fx
 from torch import nn
@@ -325,7 +326,8 @@ def apply_ops(model: fx.GraphModule, ops_: Sequence[E.Op | dict[str, Any]],
     previous_frozen = {n.name for n in frozen_nodes(model)}
     run = EditRun(model, config.seed if config is not None else None, modules or {})
     for o in ordered:
-        run.apply(o)
+        with _blamed(o):
+            run.apply(o)
     ops.finish_(model)
     try:
         propagate_(model, example_input(info.preprocessing.input_size))
@@ -334,7 +336,8 @@ def apply_ops(model: fx.GraphModule, ops_: Sequence[E.Op | dict[str, Any]],
     ops.finish_(model)  # propagation swapped pending modules for real ones
     for o in ordered:
         if isinstance(o, (E.SetFeatureExtractor, E.Freeze, E.Unfreeze)):
-            run.check_present(o, o.vertices)
+            with _blamed(o):
+                run.check_present(o, o.vertices)
     _freeze_from_ops(model, ordered, previous_frozen)
     info = get_info(model)
     outputs = _outputs(model)
@@ -350,6 +353,17 @@ def apply_ops(model: fx.GraphModule, ops_: Sequence[E.Op | dict[str, Any]],
                                 stages=info.stages + ((stage,) if stage else ()), classes=classes))
     _apply_dropout_defaults(model)
     return model
+
+
+@contextmanager
+def _blamed(o: E.Op) -> Iterator[None]:
+    """A vertex or shape error raised while ``o`` is applied names ``o`` (its ``op``)."""
+    try:
+        yield
+    except (VertexError, ShapeError) as exc:
+        if exc.op is None:
+            exc.op = o
+        raise
 
 
 def _output_width(model: fx.GraphModule) -> int | None:

@@ -121,7 +121,7 @@ class EditRun:
                 continue
             how = "" if getattr(by, "vertex", None) == vertex else f" (it is computed from {getattr(by, 'vertex', '?')!r})"
             raise VertexError(f"{describe_op(o)} names vertex {vertex!r}, which {describe_op(by)} removes{how}: these "
-                              "edits conflict; drop one of them, or add a vertex with that name first")
+                              "edits conflict; drop one of them, or add a vertex with that name first", vertex)
 
     def _add(self, o: E.AddLayer | E.AddVertex) -> None:
         model = self.model

@@ -49,12 +49,23 @@ SHAPE_KEY = "freezeray_shape"
 
 
 class VertexError(InvalidInput, ValueError):
-    """A vertex name that is not in the graph, or one that cannot be used as asked."""
+    """A vertex name that is not in the graph, or one that cannot be used as asked.
+    ``vertex`` names it (None when unknown); ``op`` is the surgery op being applied when it
+    was raised (set by :func:`surgery.builder.apply_ops`), for ``freezeray check`` to name."""
+
+    op: Any = None
+
+    def __init__(self, message: str, vertex: str | None = None) -> None:
+        super().__init__(message)
+        self.vertex = vertex
 
 
 class ShapeError(InvalidInput, ValueError):
     """Two connected vertices disagree about a tensor's shape. ``vertex`` names the
-    vertex that could not take its input (None when unknown)."""
+    vertex that could not take its input (None when unknown); ``op`` as for
+    :class:`VertexError`."""
+
+    op: Any = None
 
     def __init__(self, message: str, vertex: str | None = None) -> None:
         super().__init__(message)
@@ -220,7 +231,8 @@ def unknown_vertex(name: str, model: fx.GraphModule, table: dict[str, Vertex] | 
     close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.6)
     where = f"the graph of {_model_name(model)}"
     hint = f"Closest: {', '.join(close)}." if close else f"Vertices: {cut_list(names)}."
-    return VertexError(f"vertex {name!r} is not in {where}. {hint} Hint: surgery.summary(model) lists every vertex.")
+    return VertexError(f"vertex {name!r} is not in {where}. {hint} Hint: surgery.summary(model) lists every vertex.",
+                       name if isinstance(name, str) else None)
 
 
 def resolve(model: fx.GraphModule, name: str, table: dict[str, Vertex] | None = None) -> Vertex:
