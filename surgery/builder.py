@@ -41,6 +41,8 @@ from .graph import (
     ShapeError,
     VertexError,
     example_input,
+    output_node,
+    output_vertices,
     propagate_,
     resolve,
     vertex_of,
@@ -322,7 +324,7 @@ def apply_ops(model: fx.GraphModule, ops_: Sequence[E.Op | dict[str, Any]],
     for o in ordered:
         if isinstance(o, E.FineTuneOp):  # DL4J: only the settings given override the model's
             config = config.merged(o.config) if config is not None else o.config
-    old_outputs = _outputs(model)
+    old_outputs = output_vertices(model)
     previous_frozen = {n.name for n in frozen_nodes(model)}
     run = EditRun(model, config.seed if config is not None else None, modules or {})
     for o in ordered:
@@ -340,7 +342,7 @@ def apply_ops(model: fx.GraphModule, ops_: Sequence[E.Op | dict[str, Any]],
                 run.check_present(o, o.vertices)
     _freeze_from_ops(model, ordered, previous_frozen)
     info = get_info(model)
-    outputs = _outputs(model)
+    outputs = output_vertices(model)
     losses = {}
     for vertex in outputs:
         module = model.get_submodule(vertex) if _is_module(model, vertex) else None
@@ -369,8 +371,7 @@ def _blamed(o: E.Op) -> Iterator[None]:
 def _output_width(model: fx.GraphModule) -> int | None:
     from .graph import node_shape
 
-    out = next(n for n in model.graph.nodes if n.op == "output")
-    shapes = [node_shape(n) for n in out.all_input_nodes]
+    shapes = [node_shape(n) for n in output_node(model).all_input_nodes]
     first = shapes[0] if shapes else None
     return first[-1] if isinstance(first, tuple) and first and isinstance(first[-1], int) else None
 
@@ -381,14 +382,6 @@ def _is_module(model: fx.GraphModule, name: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def _outputs(model: fx.GraphModule) -> list[str]:
-    from collections import Counter
-
-    calls = Counter(n.target for n in model.graph.nodes if n.op == "call_module")
-    out = next(n for n in model.graph.nodes if n.op == "output")
-    return [vertex_of(n, calls) for n in out.all_input_nodes]
 
 
 def _freeze_from_ops(model: fx.GraphModule, ordered: list[E.Op], previous: set[str]) -> None:

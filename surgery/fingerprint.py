@@ -36,7 +36,7 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.fx as fx
 
-from .graph import example_input
+from .graph import example_input, output_node
 from .recipe import ModelInfo, get_info
 from .weights import WeightsError
 
@@ -151,7 +151,7 @@ def _with_feeders(model: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(model.graph, env)
-    out = next(n for n in model.graph.nodes if n.op == "output")
+    out = output_node(model)
     outputs = [env[n] for n in out.all_input_nodes]
     feeders = list(dict.fromkeys(env[a] for n in out.all_input_nodes for a in n.all_input_nodes))
     graph.output(tuple(outputs + feeders))

@@ -38,6 +38,8 @@ __all__ = [
     "resolve",
     "resolve_many",
     "vertex_of",
+    "output_node",
+    "output_vertices",
     "propagate_",
     "Pending",
     "node_shape",
@@ -210,6 +212,17 @@ def vertex_of(node: fx.Node, calls: Counter | None = None) -> str:
             return node.name
         return str(node.target)
     return node.name
+
+
+def output_node(model: fx.GraphModule) -> fx.Node:
+    """The graph's ``output`` node (its inputs are the model's outputs, in order)."""
+    return next(n for n in model.graph.nodes if n.op == "output")
+
+
+def output_vertices(model: fx.GraphModule) -> list[str]:
+    """The vertices the model outputs, in order, by the names that address them."""
+    calls = Counter(n.target for n in model.graph.nodes if n.op == "call_module")
+    return [vertex_of(n, calls) for n in output_node(model).all_input_nodes]
 
 
 def _model_name(model: fx.GraphModule) -> str:

@@ -24,7 +24,7 @@ from torch import nn
 from freezeray.errors import InvalidInput
 from freezeray.images import PreprocessConfig
 
-from .graph import Tracer, example_input, propagate_, vertex_of
+from .graph import Tracer, example_input, output_vertices, propagate_
 from .recipe import ModelInfo, set_info_
 from .specs import describe
 
@@ -99,11 +99,7 @@ def from_module(module: nn.Module, *, preprocessing: PreprocessConfig | dict[str
     config = preprocessing if isinstance(preprocessing, PreprocessConfig) else PreprocessConfig.from_dict(dict(preprocessing))
     label = name or type(module).__name__
     gm = _trace(module, label, leaves)
-    from collections import Counter
-
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    outputs = [vertex_of(n, calls) for n in out.all_input_nodes]
+    outputs = output_vertices(gm)
     # a Sequential's spec rebuilds children named 0, 1, ...: one with other names is code (load needs base=)
     indexed = type(module) is nn.Sequential and [n for n, _ in module.named_children()] == [str(i) for i in range(len(module))]
     spec = describe(module) if indexed else None

@@ -47,22 +47,17 @@ def loss_specs(model: fx.GraphModule) -> tuple[LossSpec, ...]:
         ValueError: an output without a loss (add a ``surgery.layers.Output``), or
             ``loss_weights`` naming a vertex that is not an output.
     """
-    from collections import Counter
-
-    from .graph import node_shape, vertex_of
+    from .graph import node_shape, output_node, output_vertices
 
     info = get_info(model)
-    out = next(n for n in model.graph.nodes if n.op == "output")
     specs = []
-    calls = Counter(n.target for n in model.graph.nodes if n.op == "call_module")
     weights = dict(info.fine_tune.loss_weights) if info.fine_tune is not None else {}
-    names = [vertex_of(node, calls) for node in out.all_input_nodes]
+    names = output_vertices(model)
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise ValueError(f"loss_weights names {', '.join(map(repr, unknown))}, which the model does not output; "
                          f"its outputs: {', '.join(names)}")
-    for node in out.all_input_nodes:
-        vertex = vertex_of(node, calls)
+    for node, vertex in zip(output_node(model).all_input_nodes, names):
         module = model.get_submodule(str(node.target)) if node.op == "call_module" else None
         loss = module.loss if isinstance(module, L.Output) else info.losses.get(vertex)
         if loss is None:

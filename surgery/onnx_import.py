@@ -42,7 +42,7 @@ from freezeray import storage
 from freezeray.errors import InvalidInput
 from freezeray.images import PreprocessConfig
 
-from .graph import example_input, propagate_, vertex_of
+from .graph import example_input, output_vertices, propagate_
 from .recipe import ModelInfo, set_info_
 
 __all__ = ["import_onnx", "UnsupportedOnnx", "PREPROCESSING_KEY"]
@@ -211,11 +211,7 @@ def import_onnx(uri: str, *, preprocessing: PreprocessConfig | dict[str, Any] | 
     config = _preprocessing(model, preprocessing)
     gm = convert(model)
     label = name or model.graph.name or "onnx"
-    from collections import Counter
-
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    outputs = [vertex_of(n, calls) for n in out.all_input_nodes]
+    outputs = output_vertices(gm)
     info = ModelInfo(name=label, weights=uri, origin="onnx", preprocessing=config,
                      losses={v: (losses or {}).get(v, "cross_entropy") for v in outputs})
     set_info_(gm, info)

@@ -25,6 +25,7 @@ from .graph import (
     Pending,
     VertexError,
     cut_list,
+    output_node,
     resolve,
     single_output,
     topo_sort_,
@@ -86,12 +87,8 @@ def holes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if HOLE_KEY in n.meta]
 
 
-def _output_node(gm: fx.GraphModule) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.op == "output")
-
-
 def _output_list(gm: fx.GraphModule) -> tuple[list[fx.Node], bool]:
-    out = _output_node(gm).args[0]
+    out = output_node(gm).args[0]
     if isinstance(out, fx.Node):
         return [out], False
     if isinstance(out, (tuple, list)) and all(isinstance(o, fx.Node) for o in out):
@@ -100,7 +97,7 @@ def _output_list(gm: fx.GraphModule) -> tuple[list[fx.Node], bool]:
 
 
 def _set_output_list(gm: fx.GraphModule, nodes: list[fx.Node], as_tuple: bool) -> None:
-    out = _output_node(gm)
+    out = output_node(gm)
     out.args = ((tuple(nodes) if (as_tuple or len(nodes) != 1) else nodes[0]),)
 
 
@@ -406,7 +403,7 @@ def add_module_(gm: fx.GraphModule, name: str, module: nn.Module, inputs: list[s
         input_nodes = list(hole.args)  # type: ignore[union-attr, arg-type]
     if isinstance(module, L.Layer):
         module.init_seed, module.init_name = _init_seed(seed), name
-    anchor = _output_node(gm)
+    anchor = output_node(gm)
     if merge and len(input_nodes) > 1:
         merge_name = f"{name}_merge"
         check_name(gm, merge_name, table, allow_hole=False)

@@ -29,7 +29,7 @@ from torch import nn
 
 from freezeray.images import PreprocessConfig
 
-from .graph import example_input, propagate_, trace, vertex_of
+from .graph import example_input, output_vertices, propagate_, trace
 from .recipe import ModelInfo, set_info_
 from .weights import WeightsError, load_into_, read_state_dict
 
@@ -144,7 +144,7 @@ def skeleton(name: str, **kwargs: Any) -> fx.GraphModule:
         module = entry.build(**kwargs)
         gm = trace(module, name)
         set_info_(gm, ModelInfo(name=name, weights=None, base_kwargs=dict(kwargs), preprocessing=entry.preprocessing,
-                                losses={v: entry.losses.get(v, "cross_entropy") for v in _output_vertices(gm)}))
+                                losses={v: entry.losses.get(v, "cross_entropy") for v in output_vertices(gm)}))
         propagate_(gm, example_input(entry.preprocessing.input_size))
     return gm
 
@@ -249,7 +249,7 @@ def _load(
         load_into_(module, read_state_dict(str(weights), storage_options), str(weights), entry.rename,
                    num_classes=kwargs.get("num_classes"))
     gm = trace(module, name)
-    outputs = _output_vertices(gm)
+    outputs = output_vertices(gm)
     classes = imagenet_classes() if named and _output_width(module) == 1000 else None
     info = ModelInfo(
         name=name,
@@ -280,14 +280,6 @@ def _build(entry: ZooEntry, kwargs: dict[str, Any], initialize: bool) -> nn.Modu
     if any(m._non_persistent_buffers_set for m in module.modules()):
         return entry.build(**kwargs)
     return module.to_empty(device="cpu")
-
-
-def _output_vertices(gm: fx.GraphModule) -> list[str]:
-    from collections import Counter
-
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    return [vertex_of(n, calls) for n in out.all_input_nodes]
 
 
 def _output_width(module: nn.Module) -> int | None:
