@@ -129,8 +129,8 @@ def _check_weights(cfg: RunConfig, problems: list[str]) -> None:
     weights = cfg.model.weights
     if weights is None:
         return
-    if zoo._is_weights_name(weights):  # "imagenet" or an enum name such as IMAGENET1K_V1
-        entry = zoo._entry(cfg.model.base)
+    if zoo.is_weights_name(weights):  # "imagenet" or an enum name such as IMAGENET1K_V1
+        entry = zoo.zoo_entry(cfg.model.base)
         if entry.imagenet is None:
             problems.append(f"model.weights: zoo model {cfg.model.base!r} has no named weights ({weights!r}); give a path/URI")
         return
@@ -228,7 +228,7 @@ def _short(exc: Exception) -> str:
 
 def _check_output_layer(cfg: RunConfig, model: fx.GraphModule, classes: int, problems: list[str]) -> None:
     from surgery.edits import AddLayer
-    from surgery.objective import check_targets, loss_specs
+    from surgery.training.objective import check_targets, loss_specs
 
     try:
         specs = loss_specs(model)

@@ -52,8 +52,8 @@ from freezeray.schema import Schema, SchemaError, problems_of
 from pipeline.resources import Resources
 from pipeline.stages import Stage
 from surgery.edits import SurgeryOp, from_short_form
-from surgery.finetune import FineTuneConfiguration
 from surgery.training import DEFAULT_MAX_EPOCHS
+from surgery.training.config import FineTuneConfiguration
 
 __all__ = ["RunConfig", "ConfigError", "load_config", "parse_config", "SweepSection", "ReportSection", "SPACE_FORMS"]
 
@@ -177,7 +177,7 @@ class TrainingSection(Schema):
     @field_validator("augment")
     @classmethod
     def _augment(cls, v: Any) -> Any:
-        from surgery.augment import check_augment
+        from surgery.training.augment import check_augment
 
         check_augment(v)  # unknown transforms and bad arguments named now
         return v

@@ -28,7 +28,7 @@ from freezeray import storage
 from freezeray.images import PreprocessConfig
 from surgery.helper import split
 from surgery.layers import compute_loss, emit_logits, probabilities
-from surgery.objective import LossSpec, loss_specs
+from surgery.training.objective import LossSpec, loss_specs
 
 from .decode import normalize
 from .features import FeatureSet

@@ -2,7 +2,7 @@
 four"): every unfrozen layer trains, frozen layers stay frozen; or, with ``stages``, the
 head first (on a cached feature set when one is given) and then more of the backbone
 (see :mod:`pipeline.stages`). Decoding and preprocessing run in Ray Data tasks; the
-training augmentation (``transforms.v2``, fresh every epoch, see :mod:`surgery.augment`)
+training augmentation (``transforms.v2``, fresh every epoch, see :mod:`surgery.training.augment`)
 runs in the training function; the training function and loop are the ones ``fit_head``
 uses (:mod:`pipeline.train`), streaming decoded images instead of features. Not bitwise
 reproducible across worker counts.
@@ -17,9 +17,9 @@ from typing import Any, Callable, Sequence
 import torch.fx as fx
 
 import surgery
-from surgery.finetune import FineTuneConfiguration
-from surgery.objective import check_targets, loss_specs
 from surgery.training import DEFAULT_MAX_EPOCHS, Stopping
+from surgery.training.config import FineTuneConfiguration
+from surgery.training.objective import check_targets, loss_specs
 
 from .head import AUTO_VALIDATION
 from .resources import Resources
@@ -82,7 +82,7 @@ def finetune(
         augment: True: torchvision's standard recipe (``RandomResizedCrop`` and
             ``RandomHorizontalFlip``), drawn afresh every epoch and seeded by (seed,
             epoch, row); a list of ``transforms.v2`` objects or names (see
-            :mod:`surgery.augment`); False: none.
+            :mod:`surgery.training.augment`); False: none.
         stages: staged fine-tuning (:class:`~pipeline.Stage` or dicts): each stage's frozen
             set, epochs (default: this call's ``epochs``) and learning rates, run one
             after the other, each from the previous stage's best weights; stage ``i``'s
@@ -99,7 +99,7 @@ def finetune(
         ...     Stage(frozen="global_pool"), Stage(unfreeze=("blocks.6", "conv_head", "bn2"), lr=1e-4)])
     """
     started = time.perf_counter()
-    from surgery.augment import check_augment
+    from surgery.training.augment import check_augment
 
     from .sources import ImageSource, read_images
 

@@ -45,10 +45,10 @@ import torch
 import torch.fx as fx
 
 import surgery
-from surgery.finetune import FineTuneConfiguration
 from surgery.helper import split
-from surgery.objective import check_targets, loss_specs
 from surgery.training import DEFAULT_MAX_EPOCHS, Stopping
+from surgery.training.config import FineTuneConfiguration
+from surgery.training.objective import check_targets, loss_specs
 
 from .features import FeatureSet, split_rows
 from .resources import Resources
@@ -68,7 +68,7 @@ from .train import (
     worker_memory_bytes,
 )
 
-__all__ = ["fit_head", "default_batch_size", "local_limit_bytes", "choose_workers", "AUTO_VALIDATION"]
+__all__ = ["fit_head", "open_features", "feature_tensors", "default_batch_size", "local_limit_bytes", "choose_workers", "AUTO_VALIDATION"]
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,11 @@ def choose_workers(num_workers: int | None, use_gpu: bool, feature_bytes: int, c
     return workers
 
 
-def _open_features(features: str | FeatureSet, storage_options: dict | None) -> FeatureSet:
+def open_features(features: str | FeatureSet, storage_options: dict | None) -> FeatureSet:
     return features if isinstance(features, FeatureSet) else FeatureSet.open(str(features), storage_options)
 
 
-def _feature_tensors(fset: FeatureSet, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+def feature_tensors(fset: FeatureSet, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
     table = fset.read(["row_id", "label", *columns])
     return {name: (table.column(name).combine_chunks().to_numpy_ndarray() if name in columns
                    else table.column(name).to_numpy()) for name in ["row_id", "label", *columns]}
@@ -212,7 +212,7 @@ def fit_head(
         >>> result.best_epoch, result.metrics["val_accuracy"]
     """
     started = time.perf_counter()
-    fset = _open_features(features, storage_options)
+    fset = open_features(features, storage_options)
     fset.check(model)
     if fset.rows == 0:
         raise ValueError(f"the feature set at {fset.uri!r} has zero rows: nothing to train on")
@@ -231,7 +231,7 @@ def fit_head(
         if not 0.0 < validation < 1.0:
             raise ValueError(f"validation as a fraction must be in (0, 1), got {validation}")
     elif validation is not None:
-        val_set = _open_features(validation, storage_options)
+        val_set = open_features(validation, storage_options)
         val_set.check(model)
         if val_set.classes != fset.classes:
             raise ValueError(f"validation classes {val_set.classes} differ from training classes {fset.classes}")
@@ -280,7 +280,7 @@ def fit_head(
 def _local_tensors(fset: FeatureSet, val_set: FeatureSet | None, validation: Any, s: TrainSettings) -> dict[str, Any]:
     """Training (and validation) features read into memory, split like the workers split them."""
     cpu = torch.device("cpu")
-    table = _feature_tensors(fset, s.feature_columns)
+    table = feature_tensors(fset, s.feature_columns)
     tensors: dict[str, Any] = {}
     if isinstance(validation, float):
         tensors["train"] = _to_tensors(split_rows(table, validation, s.seed, "train"), s, cpu)
@@ -288,7 +288,7 @@ def _local_tensors(fset: FeatureSet, val_set: FeatureSet | None, validation: Any
     else:
         tensors["train"] = _to_tensors(table, s, cpu)
         if val_set is not None:
-            tensors["validation"] = _to_tensors(_feature_tensors(val_set, s.feature_columns), s, cpu)
+            tensors["validation"] = _to_tensors(feature_tensors(val_set, s.feature_columns), s, cpu)
     return tensors
 
 

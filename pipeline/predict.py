@@ -25,8 +25,8 @@ import pyarrow as pa
 import torch.fx as fx
 
 import surgery
-from surgery.objective import loss_specs
 from surgery.recipe import model_preprocessing
+from surgery.training.objective import loss_specs
 
 from .manifest import PREDICTIONS_FORMAT, PredictionsManifest, SourceInfo
 from .output import OutputJob, Written, write_output

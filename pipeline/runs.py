@@ -271,7 +271,7 @@ def fine_tune_definition(model: fx.GraphModule) -> dict[str, Any]:
     """Every field of the model's fine-tune configuration, defaults included (a field left
     out is None: "the updater's default")."""
     import surgery
-    from surgery.finetune import FineTuneConfiguration
+    from surgery.training.config import FineTuneConfiguration
 
     return (surgery.get_info(model).fine_tune or FineTuneConfiguration()).model_dump(mode="json")
 

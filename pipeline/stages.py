@@ -39,10 +39,10 @@ from torch import nn
 
 import surgery
 from freezeray.schema import Schema
-from surgery.finetune import FineTuneConfiguration
 from surgery.freeze import apply_frozen_, frozen_nodes, keep_inference_mode_
 from surgery.graph import ancestors_closure, resolve_many, vertex_table
 from surgery.recipe import set_info_
+from surgery.training.config import FineTuneConfiguration
 
 from .train import FitResult
 

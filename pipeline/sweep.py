@@ -46,11 +46,11 @@ from surgery import FineTuneConfiguration, TransferLearning
 from surgery.freeze import is_frozen
 from surgery.graph import VertexError, resolve
 from surgery.helper import split
-from surgery.objective import LossSpec, check_targets, loss_specs
 from surgery.training import DEFAULT_MAX_EPOCHS, Stopping, run_epochs, tensor_batches
+from surgery.training.objective import LossSpec, check_targets, loss_specs
 
 from .features import FeatureSet, split_rows
-from .head import AUTO_VALIDATION, _feature_tensors, _open_features, default_batch_size
+from .head import AUTO_VALIDATION, default_batch_size, feature_tensors, open_features
 from .runs import (
     claim_run,
     data_definition,
@@ -310,7 +310,7 @@ def sweep(
     from .runtime import cluster_cpus, cluster_gpus, ensure_ray, pyarrow_filesystem
 
     started = time.perf_counter()
-    fset = _open_features(features, storage_options)
+    fset = open_features(features, storage_options)
     fset.check(model)
     if fset.rows == 0:
         raise ValueError(f"the feature set at {fset.uri!r} has zero rows: nothing to train on")
@@ -326,15 +326,15 @@ def sweep(
     seed = seed_of(model, seed)
 
     sampled = _sample(fset, seed)
-    table = _feature_tensors(sampled, fset.feature_columns)
+    table = feature_tensors(sampled, fset.feature_columns)
     if isinstance(validation, float):
         if not 0.0 < validation < 1.0:
             raise ValueError(f"validation as a fraction must be in (0, 1), got {validation}")
         train_part, val_part = (split_rows(table, validation, seed, k) for k in ("train", "validation"))
     else:
-        val_set = _open_features(validation, storage_options)
+        val_set = open_features(validation, storage_options)
         val_set.check(model)
-        train_part, val_part = table, _feature_tensors(val_set, fset.feature_columns)
+        train_part, val_part = table, feature_tensors(val_set, fset.feature_columns)
     data = {name_: _arrays(part, fset.feature_columns) for name_, part in (("train", train_part), ("validation", val_part))}
     vertices = list(widths)
     variants = _variants(model, widths)

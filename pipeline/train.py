@@ -28,8 +28,6 @@ import torch.fx as fx
 
 import surgery
 from freezeray.images import PreprocessConfig
-from surgery.finetune import FineTuneConfiguration
-from surgery.objective import LossSpec
 from surgery.training import (
     Stopping,
     TrainState,
@@ -37,6 +35,8 @@ from surgery.training import (
     run_epochs,
     tensor_batches,
 )
+from surgery.training.config import FineTuneConfiguration
+from surgery.training.objective import LossSpec
 
 from .checkpoints import (
     CheckpointError,
@@ -159,7 +159,7 @@ def _streamed(it: Any, s: TrainSettings, device: torch.device, rank: int, shuffl
               config: PreprocessConfig | None, augment: bool = False) -> Callable[[int], Any]:
     augmentation = None
     if augment and s.augment is not None and config is not None:
-        from surgery.augment import Augmentation
+        from surgery.training.augment import Augmentation
 
         augmentation = Augmentation(s.augment, config.input_size[1:])
 

@@ -20,7 +20,7 @@ _EXPORTS: dict[str, str | None] = {
     "vertices": None,
     "zoo": None,
     "TransferLearning": "builder",
-    "FineTuneConfiguration": "finetune",
+    "FineTuneConfiguration": "surgery.training.config",
     "fingerprint": "fingerprint",
     "frozen_fingerprint": "fingerprint",
     "probe": "fingerprint",
@@ -38,9 +38,9 @@ _EXPORTS: dict[str, str | None] = {
     "TraceFailure": "modules",
     "import_onnx": "onnx_import",
     "UnsupportedOnnx": "onnx_import",
-    "LossSpec": "objective",
-    "loss_specs": "objective",
-    "objective": "objective",
+    "LossSpec": "surgery.training.objective",
+    "loss_specs": "surgery.training.objective",
+    "objective": "surgery.training.objective",
     "PreprocessConfig": "freezeray.images",
     "ModelInfo": "recipe",
     "get_info": "recipe",
@@ -61,15 +61,15 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
 
     from . import edits, layers, losses, specs, training, vertices, zoo
     from .builder import TransferLearning
-    from .finetune import FineTuneConfiguration
     from .fingerprint import ProbeMismatch, fingerprint, frozen_fingerprint, probe
     from .freeze import freeze_, is_frozen, unfreeze_
     from .graph import ShapeError, VertexError, vertex_names
     from .helper import Split, TransferLearningHelper, split
     from .modules import TraceFailure, from_module
-    from .objective import LossSpec, loss_specs, objective
     from .onnx_import import UnsupportedOnnx, import_onnx
     from .recipe import ModelInfo, get_info
     from .serialize import load, recipe_of, save
     from .summary import Summary, summary
+    from .training.config import FineTuneConfiguration
+    from .training.objective import LossSpec, loss_specs, objective
     from .weights import WeightsError

@@ -35,7 +35,6 @@ from . import edits as E
 from . import layers as L
 from . import ops
 from .compose import EditRun, describe_op
-from .finetune import FineTuneConfiguration
 from .freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes
 from .graph import (
     ShapeError,
@@ -50,8 +49,9 @@ from .graph import (
 )
 from .recipe import get_info, set_info_
 from .specs import describe
+from .training.config import FineTuneConfiguration
 
-__all__ = ["TransferLearning", "apply_ops"]
+__all__ = ["TransferLearning", "apply_ops", "apply_dropout_defaults"]
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ def apply_ops(model: fx.GraphModule, ops_: Sequence[E.Op | dict[str, Any]],
     stage = tuple(ordered)
     set_info_(model, info.with_(fine_tune=config, losses={k: v for k, v in losses.items() if v is not None},
                                 stages=info.stages + ((stage,) if stage else ()), classes=classes))
-    _apply_dropout_defaults(model)
+    apply_dropout_defaults(model)
     return model
 
 
@@ -398,7 +398,7 @@ def _freeze_from_ops(model: fx.GraphModule, ordered: list[E.Op], previous: set[s
     apply_frozen_(model, frozen)
 
 
-def _apply_dropout_defaults(model: fx.GraphModule) -> None:
+def apply_dropout_defaults(model: fx.GraphModule) -> None:
     """The fine-tune configuration's dropout applies to trainable freezeray layers that
     set none themselves (layer settings win)."""
     config = get_info(model).fine_tune

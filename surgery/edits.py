@@ -25,7 +25,7 @@ from pydantic import (
 
 from freezeray.schema import Schema, SchemaError, problems_of
 
-from .finetune import FineTuneConfiguration
+from .training.config import FineTuneConfiguration
 
 __all__ = ["Op", "SetFeatureExtractor", "Freeze", "Unfreeze", "NOutReplace", "NInReplace", "RemoveVertexKeepConnections",
            "RemoveVertexAndConnections", "AddLayer", "AddVertex", "SetOutputs", "FineTuneOp", "SurgeryOp", "OP_NAMES",

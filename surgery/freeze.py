@@ -1,7 +1,7 @@
 """Freezing: which vertices of a model are frozen, and what frozen means.
 
 Frozen means: no gradient (``requires_grad=False``), hence no optimizer state and no
-weight decay or L1/L2 (see :class:`~surgery.finetune.FineTuneConfiguration`), and
+weight decay or L1/L2 (see :class:`~surgery.training.config.FineTuneConfiguration`), and
 BatchNorm and dropout in inference mode even while the rest of the model trains.
 BatchNorm running statistics of a frozen layer therefore never change.
 """

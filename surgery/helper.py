@@ -17,13 +17,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import training
 from .builder import layer_chain
-from .finetune import FineTuneConfiguration
 from .freeze import apply_frozen_, feature_extractor_nodes, frozen_nodes, frozen_prefix
 from .graph import VertexError, vertex_of
-from .objective import loss_specs
 from .recipe import get_info
+from .training import loop as training
+from .training.config import FineTuneConfiguration
+from .training.objective import loss_specs
 
 __all__ = ["TransferLearningHelper", "Split", "split"]
 

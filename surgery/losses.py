@@ -1,6 +1,6 @@
 """Losses by name (DL4J's ``LossFunction``s): which activations each fits, the loss of a
 batch, and class probabilities for reporting. An :class:`~surgery.layers.Output` layer
-names its loss; :mod:`surgery.objective` sums the losses of a model's outputs."""
+names its loss; :mod:`surgery.training.objective` sums the losses of a model's outputs."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch.fx as fx
 from freezeray.images import PreprocessConfig
 
 if TYPE_CHECKING:
-    from .finetune import FineTuneConfiguration
+    from .training.config import FineTuneConfiguration
 
 __all__ = ["ModelInfo", "get_info", "set_info_", "model_preprocessing", "RECIPE_FORMAT"]
 

@@ -33,12 +33,12 @@ from freezeray import storage
 from freezeray.images import PreprocessConfig
 
 from . import zoo
-from .builder import _apply_dropout_defaults, apply_ops
-from .finetune import FineTuneConfiguration
+from .builder import apply_dropout_defaults, apply_ops
 from .fingerprint import IDENTITY_SCHEME, PROBE_TOLERANCE, ProbeMismatch, fingerprint, probe, probe_difference, weights_hash
 from .freeze import apply_frozen_
 from .graph import example_input
 from .recipe import RECIPE_FORMAT, get_info, set_info_
+from .training.config import FineTuneConfiguration
 from .weights import WeightsError, load_into_
 
 __all__ = ["save", "load", "recipe_of"]
@@ -150,7 +150,7 @@ def load(uri: str, storage_options: dict[str, Any] | None = None, *, base: Any =
         preprocessing=PreprocessConfig.from_dict(recipe["preprocessing"]),
         classes=tuple(recipe["classes"]) if recipe.get("classes") is not None else None,
     ))
-    _apply_dropout_defaults(model)
+    apply_dropout_defaults(model)
     model.eval()
     _check_identity(uri, recipe, model, storage_options, probe_check)
     return model
@@ -212,4 +212,4 @@ def _base_graph(uri: str, recipe: dict[str, Any], storage_options: dict[str, Any
     if origin != "zoo":
         raise ValueError(f"unknown model origin {origin!r} in the recipe; valid: zoo, module, onnx")
     # weights=None, uninitialised: the saved safetensors overwrite every tensor
-    return zoo._load(spec["name"], None, None, dict(spec.get("kwargs", {})), initialize=False)
+    return zoo.build_model(spec["name"], None, None, dict(spec.get("kwargs", {})), initialize=False)

@@ -33,7 +33,8 @@ from .graph import example_input, output_vertices, propagate_, trace
 from .recipe import ModelInfo, set_info_
 from .weights import WeightsError, load_into_, read_state_dict
 
-__all__ = ["register_model", "load", "skeleton", "list_models", "unknown_model", "ZooEntry", "imagenet_classes",
+__all__ = ["register_model", "load", "skeleton", "build_model", "zoo_entry", "is_weights_name", "list_models",
+           "unknown_model", "ZooEntry", "imagenet_classes",
            "timm_preprocessing"]
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def load(
     Example:
         >>> model = surgery.zoo.load("efficientnet_lite0", weights="imagenet")
     """
-    return _load(name, weights, storage_options, kwargs, initialize=weights is None)
+    return build_model(name, weights, storage_options, kwargs, initialize=weights is None)
 
 
 def skeleton(name: str, **kwargs: Any) -> fx.GraphModule:
@@ -139,7 +140,7 @@ def skeleton(name: str, **kwargs: Any) -> fx.GraphModule:
     Raises:
         ValueError: an unknown name (with the closest names).
     """
-    entry = _entry(name)
+    entry = zoo_entry(name)
     with torch.device("meta"):
         module = entry.build(**kwargs)
         gm = trace(module, name)
@@ -169,7 +170,9 @@ def unknown_model(name: str) -> ValueError:
     )
 
 
-def _entry(name: str) -> ZooEntry:
+def zoo_entry(name: str) -> ZooEntry:
+    """The registered entry of zoo model ``name`` (torchvision's and ``timm/<arch>`` are
+    registered on first ask); :func:`unknown_model`'s error with close names otherwise."""
     if name not in _REGISTRY:
         _register_torchvision()
     if name not in _REGISTRY and name.startswith("timm/"):
@@ -222,23 +225,26 @@ def timm_preprocessing(pretrained_cfg: dict[str, Any]) -> PreprocessConfig:
                             crop_mode=cast(Any, crop_mode))
 
 
-def _load(
+def build_model(
     name: str,
     weights: str | None,
     storage_options: dict[str, Any] | None,
     kwargs: dict[str, Any],
     initialize: bool,
 ) -> fx.GraphModule:
+    """The one constructor path of every zoo model (as timm's ``build_model_with_cfg``):
+    :func:`load` and :func:`surgery.load` both come here; ``initialize=False`` skips the
+    random initialisation when weights will overwrite every tensor."""
     if name == "onnx":  # zoo.load("onnx", weights=URI): DL4J's model import, through ONNX
         from .onnx_import import import_onnx
 
         if weights is None:
             raise ValueError("zoo.load('onnx', weights=<URI of an .onnx file>) needs the file")
         return import_onnx(str(weights), storage_options=storage_options, **kwargs)
-    entry = _entry(name)
+    entry = zoo_entry(name)
     # weights will overwrite every tensor: skip the random initialisation (seconds for VGG16);
     # a new classifier (num_classes) is initialised as timm's reset_classifier does
-    named = weights is not None and _is_weights_name(str(weights))
+    named = weights is not None and is_weights_name(str(weights))
     module = _build(entry, kwargs, initialize=initialize or "num_classes" in kwargs)
     if named:
         if entry.imagenet is None:
@@ -264,7 +270,7 @@ def _load(
     return gm
 
 
-def _is_weights_name(weights: str) -> bool:
+def is_weights_name(weights: str) -> bool:
     """``"imagenet"``, or an enum name like ``IMAGENET1K_V1`` (not a path or URI)."""
     return weights == "imagenet" or (weights.isidentifier() and weights.upper() == weights)
 

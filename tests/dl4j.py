@@ -19,8 +19,8 @@ from torch import nn
 
 import surgery
 from surgery import FineTuneConfiguration
-from surgery.objective import loss_specs
 from surgery.training import train_step
+from surgery.training.objective import loss_specs
 
 
 def rows_config(n_in: int) -> dict[str, Any]:

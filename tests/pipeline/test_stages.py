@@ -12,8 +12,8 @@ import pipeline.train as train_module
 from freezeray.schema import SchemaError
 from pipeline import Stage, evaluate, finetune
 from surgery import FineTuneConfiguration, TransferLearning
-from surgery.augment import Augmentation, check_augment
 from surgery.training import precision
+from surgery.training.augment import Augmentation, check_augment
 
 HEAD = ("fc1.", "fc2.")
 
@@ -174,7 +174,7 @@ def test_bad_transforms_are_named():
 
 
 def test_mixed_precision_follows_the_device(monkeypatch):
-    import surgery.training as training
+    import surgery.training.loop as training
 
     cpu = torch.device("cpu")
     assert precision(False, cpu) == (None, None) and precision("fp16", cpu) == (None, None)  # fp16 needs CUDA

@@ -36,7 +36,7 @@ import surgery
 from surgery import FineTuneConfiguration, TransferLearning, TransferLearningHelper
 from surgery.builder import layer_chain
 from surgery.layers import Dense, Output
-from surgery.objective import loss_specs
+from surgery.training.objective import loss_specs
 from surgery.vertices import Merge, Subset
 
 FTC = FineTuneConfiguration

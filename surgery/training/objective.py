@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from . import layers as L
-from .recipe import get_info
+from .. import layers as L
+from ..recipe import get_info
 
 __all__ = ["LossSpec", "loss_specs", "objective", "loss_terms", "output_targets", "check_targets"]
 
@@ -47,7 +47,7 @@ def loss_specs(model: fx.GraphModule) -> tuple[LossSpec, ...]:
         ValueError: an output without a loss (add a ``surgery.layers.Output``), or
             ``loss_weights`` naming a vertex that is not an output.
     """
-    from .graph import node_shape, output_node, output_vertices
+    from ..graph import node_shape, output_node, output_vertices
 
     info = get_info(model)
     specs = []

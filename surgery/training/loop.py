@@ -17,7 +17,7 @@ Stopping rules (:class:`Stopping`):
 
 The monitored loss is the validation loss when there is validation data, else the
 training loss. A model with several outputs is trained on the weighted sum of their
-losses (:mod:`surgery.objective`); each epoch's metrics then also hold every output's own
+losses (:mod:`surgery.training.objective`); each epoch's metrics then also hold every output's own
 ``<vertex>_loss`` and ``<vertex>_accuracy`` (and ``val_<vertex>_...``), while ``loss`` is
 the sum and ``accuracy`` is the first output's. :class:`TrainState` keeps the best epoch's weights (of the trained module,
 so parameters and buffers such as BatchNorm statistics), which trainers return instead of
@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .finetune import FineTuneConfiguration
-from .layers import emit_logits
+from ..layers import emit_logits
+from .config import FineTuneConfiguration
 from .objective import LossSpec, loss_terms, output_targets
 
 __all__ = ["Stopping", "TrainState", "StepResult", "train_step", "score_batches", "run_epochs", "tensor_batches",

@@ -185,7 +185,7 @@ class FineTuneConfiguration(Schema):
         blocks, see :func:`blocks`); the base ``lr``. As in timm, biases and normalisation
         parameters (1-D tensors) get no weight decay.
         """
-        from .layers import Layer
+        from ..layers import Layer
 
         base = self.setting("lr")
         layer_lr: dict[int, float] = {}
