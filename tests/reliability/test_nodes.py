@@ -76,7 +76,8 @@ out["spread"] = {"writers": sorted({n for s in fset.shards for n in s.nodes}), "
                  **rows_once(fset, 180)}
 direct = surgery.split(busy).frozen.eval()
 df = fset.read().to_pandas()
-from freezeray.images import normalize, preprocess_bytes
+from freezeray.images import preprocess_bytes
+from pipeline.decode import normalize
 config = surgery.get_info(busy).preprocessing
 pixels = np.stack([preprocess_bytes(open(p, "rb").read(), config) for p in df["path"]])
 with torch.no_grad():
