@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import uuid
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -194,7 +193,7 @@ def _check_surgery(cfg: RunConfig, model: fx.GraphModule, problems: list[str]) -
         return None
 
 
-def _culprit(cfg: Any, exc: BaseException) -> str:
+def _culprit(cfg: RunConfig, exc: BaseException) -> str:
     """The path of the op an error is about, from the error's data (never its wording):
     the op the builder was applying (``exc.op``), else the last op that names the vertex
     the error concerns (``exc.vertex``; ops that read a vertex before ops that create one
@@ -203,7 +202,7 @@ def _culprit(cfg: Any, exc: BaseException) -> str:
     op = getattr(exc, "op", None)
     if op is not None:
         for o in reversed(cfg.surgery):
-            if o is op or o == op:
+            if o == op:
                 return paths[id(o)]
     vertex = getattr(exc, "vertex", None)
     if vertex:

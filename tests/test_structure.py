@@ -20,25 +20,20 @@ def _modules() -> dict[str, pathlib.Path]:
 
 
 def _import_nodes(tree: ast.AST, deep: bool) -> list[ast.stmt]:
-    """The import statements of a module: at module level (inside ``if``/``try`` too), and
-    with ``deep`` inside functions and classes as well; ``TYPE_CHECKING`` blocks left out."""
+    """The import statements of a module: at module level (inside ``if``/``try``/``with``
+    too), and with ``deep`` everywhere else as well; ``TYPE_CHECKING`` blocks left out."""
     found: list[ast.stmt] = []
+    shallow = (ast.If, ast.Try, ast.ExceptHandler, ast.With)
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                 for sub in child.orelse:
-                    visit_one(sub)
-                continue
-            visit_one(child)
-
-    def visit_one(child: ast.AST) -> None:
-        if isinstance(child, (ast.Import, ast.ImportFrom)):
-            found.append(child)
-        elif isinstance(child, (ast.If, ast.Try, ast.ExceptHandler, ast.With)) or (
-                deep and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.stmt,
-                                            ast.excepthandler))):
-            visit(child)
+                    visit(ast.Module(body=[sub], type_ignores=[]))
+            elif isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.append(child)
+            elif deep or isinstance(child, shallow):
+                visit(child)
 
     visit(tree)
     return found
