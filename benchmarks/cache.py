@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from pipeline import Batches, Resources, Run, Stopping
+
 from .common import (
     RESULTS,
     _Files,
@@ -88,8 +90,10 @@ def run(images: int = 600, epoch_counts: tuple[int, ...] = (1, 3, 10), batch_siz
         ours = {}
         for n in epoch_counts:
             t = time.perf_counter()
-            result = pipeline.fit_head(model, features, epochs=n, batch_size=batch_size, num_workers=num_workers,
-                                       storage=str(work / "runs"))
+            result = pipeline.fit_head(model, features, stopping=Stopping(epochs=n),
+                                       batches=Batches(batch_size=batch_size),
+                                       resources=Resources(num_workers=num_workers),
+                                       run=Run(storage=str(work / "runs")))
             fit_s = time.perf_counter() - t
             ours[n] = {"featurize_s": featurize_s, "fit_head_s": fit_s, "total_s": featurize_s + fit_s,
                        "epochs_s": sum(h["seconds"] for h in result.history)}

@@ -120,7 +120,8 @@ def run(images: int = 20000, dry: bool = False, time_limit: float = 480.0, check
     write_digits(str(digits), per_class=digits_per_class)
     # the actors: one per GPU; dry: one CPU actor that runs the same code on its CPU
     actors = Resources(use_gpu=True) if cuda else Resources(use_gpu=False, num_workers=1, cpus_per_worker=0.5)
-    train_kw: dict[str, Any] = dict(use_gpu=cuda, num_workers=1 if cuda else 0, storage=str(work / "runs"))
+    gpu_workers = pipeline.Resources(use_gpu=cuda, num_workers=1 if cuda else 0)
+    runs = str(work / "runs")
     size = image_size or (224 if cuda else 64)
     checks = _Checks()
     result: dict[str, Any] = {"dry": not cuda, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
@@ -160,7 +161,8 @@ def run(images: int = 20000, dry: bool = False, time_limit: float = 480.0, check
         def fit() -> dict[str, Any]:
             feats = pipeline.featurize(model10, str(digits / "train"), str(work / "digits-f"), image_size=96,
                                        resources=actors)
-            r = pipeline.fit_head(model10, feats, epochs=5, name="head", **train_kw)
+            r = pipeline.fit_head(model10, feats, stopping=pipeline.Stopping(epochs=5), resources=gpu_workers,
+                                  run=pipeline.Run(name="head", storage=runs))
             acc = pipeline.evaluate(r.model, str(digits / "test"), image_size=96).accuracy
             assert acc >= min_accuracy, f"held-out accuracy {acc:.3f} after 5 epochs (at least {min_accuracy})"
             head["model"] = r.model
@@ -171,8 +173,9 @@ def run(images: int = 20000, dry: bool = False, time_limit: float = 480.0, check
         for precision in ("fp16", "bf16"):
             def tune(precision: str = precision) -> dict[str, Any]:
                 model = _lite0(10, frozen="blocks.5", mixed_precision=precision)
-                r = pipeline.finetune(model, str(digits / "train"), epochs=1, batch_size=32, image_size=96,
-                                      augment=False, name=f"tune-{precision}", **train_kw)
+                r = pipeline.finetune(model, str(digits / "train"), stopping=pipeline.Stopping(epochs=1),
+                                      batches=pipeline.Batches(batch_size=32, image_size=96, augment=False),
+                                      resources=gpu_workers, run=pipeline.Run(name=f"tune-{precision}", storage=runs))
                 losses = [h["loss"] for h in r.history]
                 assert losses and all(math.isfinite(v) for v in losses), f"losses {losses}"
                 return {"loss": losses[-1], "rows_per_s": r.rows_per_s, "seconds": r.seconds}

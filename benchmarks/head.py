@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline import Batches, Resources, Run, Stopping
+
 from .common import RESULTS, frozen_lite0, save_json, start_ray, table
 
 
@@ -91,7 +93,9 @@ def _ours(model: Any, features: Any, epochs: int, batch_size: int, workers: int,
     import pipeline
 
     t = time.perf_counter()
-    result = pipeline.fit_head(model, features, epochs=epochs, batch_size=batch_size, num_workers=workers, storage=storage)
+    result = pipeline.fit_head(model, features, stopping=Stopping(epochs=epochs),
+                               batches=Batches(batch_size=batch_size), resources=Resources(num_workers=workers),
+                               run=Run(storage=storage))
     total = time.perf_counter() - t
     epoch_s = sum(h["seconds"] for h in result.history)
     trained = sum(h["rows"] for h in result.history)

@@ -56,7 +56,9 @@ def run(head_epochs: int = 30, tune_epochs: int = 5, tune_lr: float = 3e-4, per_
     # Stage's defaults (the BatchNorm layers unfrozen train their statistics); keeping them (train_bn=False) is
     # measured too, from the same head
     stages = [Stage(epochs=head_epochs), Stage(unfreeze=UNFROZEN, epochs=tune_epochs, lr=tune_lr)]
-    common = dict(batch_size=32, num_workers=0, storage=str(work / "runs"), seed=seed, image_size=96, augment=list(AUGMENT[task]))
+    common = dict(batches=pipeline.Batches(batch_size=32, seed=seed, image_size=96, augment=list(AUGMENT[task])),
+                  resources=pipeline.Resources(num_workers=0))
+    runs = str(work / "runs")
     try:
         model = demo_model()
         out = DATA / f"{task}-features-96" if per_class is None else work / "f"  # the demo's cache, or the subset's
@@ -72,12 +74,15 @@ def run(head_epochs: int = 30, tune_epochs: int = 5, tune_lr: float = 3e-4, per_
             return float(pipeline.evaluate(m, str(root / "test"), image_size=96).accuracy)
 
         t = time.perf_counter()
-        staged = pipeline.finetune(model, str(root / "train"), features=features, stages=stages, name="staged", **common)
+        staged = pipeline.finetune(model, str(root / "train"), run=pipeline.Run(name="staged", storage=runs), **common,
+                                   stages=[stages[0].model_copy(update={"features": features}), *stages[1:]])
         staged_s = time.perf_counter() - t + featurize_s
         t = time.perf_counter()
-        images = pipeline.finetune(model, str(root / "train"), stages=stages, name="images", **common)
+        images = pipeline.finetune(model, str(root / "train"), stages=stages, run=pipeline.Run(name="images", storage=runs),
+                                   **common)
         images_s = time.perf_counter() - t
-        kept = pipeline.finetune(staged.stages[0].model, str(root / "train"), name="kept", **common,
+        kept = pipeline.finetune(staged.stages[0].model, str(root / "train"), run=pipeline.Run(name="kept", storage=runs),
+                                 **common,
                                  stages=[stages[1].model_copy(update={"train_bn": False})])
         rows = [
             {"system": f"head alone: fit_head on the features, {head_epochs} epochs", "test_accuracy": accuracy(staged.stages[0].model),

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline import Batches, Resources, Run, Stopping
+
 from .common import RESULTS, frozen_lite0, save_json, start_ray, table
 from .head import synthetic_features
 from .scale import DATA, MemorySampler
@@ -33,8 +35,9 @@ def _fit(model: Any, fset: Any, workers: int, epochs: int, batch_size: int, stre
         with MemorySampler(period=0.2) as mem:
             base = mem._me.memory_info().rss
             t = time.perf_counter()
-            r = pipeline.fit_head(model, fset, num_workers=workers, epochs=epochs, batch_size=batch_size,
-                                  storage=str(runs), name=f"{'stream' if stream else 'memory'}-{fset.rows}")
+            r = pipeline.fit_head(model, fset, stopping=Stopping(epochs=epochs),
+                                  batches=Batches(batch_size=batch_size), resources=Resources(num_workers=workers),
+                                  run=Run(storage=str(runs), name=f"{'stream' if stream else 'memory'}-{fset.rows}"))
             seconds = time.perf_counter() - t
     finally:
         os.environ.pop("FREEZERAY_WORKER_MEMORY_BYTES", None)

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import Batches, Run, Tuning
+
 from .common import RESULTS, save_json, start_ray, table
 
 DATA = Path(__file__).parent / "data"
@@ -58,7 +60,8 @@ def run(trials: int = 16, seed: int = 0) -> dict[str, Any]:
         space = {"lr": tune.loguniform(1e-4, 1e-1), "weight_decay": tune.choice([0.0, 1e-4, 1e-3]),
                  "dropout": tune.choice([0.0, 0.2])}
         t = time.perf_counter()
-        result = pipeline.sweep(model, features, space, num_samples=trials, storage=str(work / "sweeps"), seed=seed)
+        result = pipeline.sweep(model, features, space, tuning=Tuning(num_samples=trials), batches=Batches(seed=seed),
+                                run=Run(storage=str(work / "sweeps")))
         sweep_s = time.perf_counter() - t
         # the same settings, one fit_head after the other (no scheduler, no parallel trials)
         configs = result.table[[k for k in space]].to_dict("records")
@@ -66,7 +69,7 @@ def run(trials: int = 16, seed: int = 0) -> dict[str, Any]:
         best_loss = np.inf
         for cfg in configs:
             m = surgery_with(model, cfg)
-            r = pipeline.fit_head(m, features, storage=str(work / "runs"), seed=seed)
+            r = pipeline.fit_head(m, features, batches=Batches(seed=seed), run=Run(storage=str(work / "runs")))
             best_loss = min(best_loss, r.metrics["val_loss"])
         serial_s = time.perf_counter() - t
     finally:

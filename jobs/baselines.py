@@ -177,11 +177,10 @@ def compute_baselines(cfg: RunConfig, model: fx.GraphModule, train: Any, test: A
                 for split, src in (("train", train), ("test", test))}
         # a named run: the next run with the same features and settings returns it as it is;
         # another definition under the name (new features, other settings) trains it again
-        fit = pipeline.fit_head(baseline_model, sets["train"], validation=validation, epochs=t.epochs,
-                                batch_size=t.batch_size, resources=t.resources if t.mode == "head" else None,
-                                storage=storage_uri, name=kind, storage_options=opts, seed=seed,
-                                early_stopping_patience=t.early_stopping_patience, max_epochs=t.max_epochs,
-                                overwrite=True)
+        fit = pipeline.fit_head(baseline_model, sets["train"], validation=validation, stopping=t.stopping(),
+                                batches=pipeline.Batches(batch_size=t.batch_size, seed=seed),
+                                resources=t.resources if t.mode == "head" else None,
+                                run=pipeline.Run(name=kind, storage=storage_uri, storage_options=opts, overwrite=True))
         ev = pipeline.evaluate(fit.model, sets["test"], storage_options=opts)
         results.append(Baseline(name, what, float(ev.accuracy), sets["train"].rows, ev.rows, of_test,
                                 time.perf_counter() - started, all(s.reused for s in sets.values())))

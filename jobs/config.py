@@ -7,7 +7,10 @@ surgery ops are :mod:`surgery.edits`' (what the builder records and recipes stor
 fine-tune section is :class:`surgery.FineTuneConfiguration`, the ``resources`` sections
 are :class:`pipeline.Resources`, and settings left out mean what the API's defaults mean
 (``training.epochs`` left out: until the validation loss stops improving, as
-``fit_head(epochs=None)``). Validation reports every problem at once, each with its path
+``fit_head`` with ``Stopping()``). The ``training:`` keys stay flat (``epochs``,
+``run_name``, ...); :class:`TrainingSection` builds the calls' grouped objects from them
+(``stopping()``, ``batches()``, ``run()``; see :mod:`pipeline.options`), in one place.
+Validation reports every problem at once, each with its path
 (``training.epochs: input should be greater than 0, got -1``), before Ray starts.
 
 Strings of the form ``${NAME}`` are read from the environment when the config is loaded
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
 from pydantic import (
@@ -49,6 +52,7 @@ from pydantic import (
 
 from freezeray.errors import InvalidInput
 from freezeray.schema import Schema, SchemaError, problems_of
+from pipeline.options import Batches, Run, Stopping, Tuning
 from pipeline.resources import Resources
 from pipeline.stages import Stage
 from surgery.edits import SurgeryOp, from_short_form
@@ -141,6 +145,11 @@ class SweepSection(Schema):
                     raise ValueError(f"{key}: {form} takes a list of {arity or 'one or more'} values, got {args!r}")
         return space
 
+    def tuning(self, use_gpu: bool) -> Tuning:
+        """``num_samples``, ``metric``, ``mode`` and ``scheduler`` as ``sweep``'s :class:`Tuning`."""
+        return Tuning(num_samples=self.num_samples, metric=self.metric, mode=self.mode,
+                      scheduler=None if self.scheduler == "none" else self.scheduler, use_gpu=use_gpu)
+
     def tune_space(self) -> dict[str, Any]:
         """The space as Ray Tune search spaces."""
         from ray import tune
@@ -173,6 +182,21 @@ class TrainingSection(Schema):
     resources: Resources = Field(default_factory=Resources)  # Ray Train workers (num_workers 0: local mode)
     sweep: SweepSection | None = None  # try many heads on the features (head mode)
 
+
+    # the grouped objects of the training calls, built here only (pipeline.options)
+    def stopping(self) -> Stopping:
+        """``epochs``, ``early_stopping_patience`` and ``max_epochs`` as the calls' :class:`Stopping`."""
+        return Stopping(self.epochs, self.early_stopping_patience, self.max_epochs)
+
+    def batches(self, **more: Any) -> Batches:
+        """``batch_size``, ``shuffle`` and ``seed`` (and ``more``, e.g. finetune's augmentation) as :class:`Batches`."""
+        return Batches(batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed, **more)
+
+    def run(self, storage: str | None, storage_options: dict[str, Any] | None,
+            callback: Callable[[dict[str, Any]], None] | None = None) -> Run:
+        """``run_name``, ``max_failures`` and ``overwrite`` with the resolved ``storage`` as :class:`Run`."""
+        return Run(name=self.run_name, storage=storage, storage_options=storage_options,
+                   max_failures=self.max_failures, overwrite=self.overwrite, callback=callback)
 
     @field_validator("augment")
     @classmethod

@@ -160,12 +160,9 @@ def fit_step(cfg: RunConfig, model: fx.GraphModule, features: dict[str, pipeline
     t, features = cfg.training, features or {}
     train = features.get("train") or _open_features(cfg, "train")
     callback = (lambda e: progress("fit", e)) if progress is not None else None
-    result = pipeline.fit_head(
-        model, train, validation=_validation(cfg, features), epochs=t.epochs, batch_size=t.batch_size,
-        resources=t.resources, storage=resolve(cfg, t.storage), name=t.run_name, storage_options=_opts(cfg),
-        shuffle=t.shuffle, seed=t.seed, early_stopping_patience=t.early_stopping_patience, max_epochs=t.max_epochs,
-        max_failures=t.max_failures, callback=callback, overwrite=t.overwrite,
-    )
+    result = pipeline.fit_head(model, train, validation=_validation(cfg, features), stopping=t.stopping(),
+                               batches=t.batches(), resources=t.resources,
+                               run=t.run(resolve(cfg, t.storage), _opts(cfg), callback))
     if progress is not None:
         progress("fit", {"event": "end"})
     return result
@@ -178,13 +175,10 @@ def sweep_step(cfg: RunConfig, model: fx.GraphModule, features: dict[str, pipeli
         raise ValueError(f"{cfg.source}: training.sweep is needed to sweep")
     train = features.get("train") or _open_features(cfg, "train")
     s = t.sweep
-    return pipeline.sweep(
-        model, train, s.tune_space(), num_samples=s.num_samples, metric=s.metric, mode=s.mode,
-        validation=_validation(cfg, features), epochs=t.epochs, batch_size=t.batch_size,
-        early_stopping_patience=t.early_stopping_patience, max_epochs=t.max_epochs,
-        scheduler=None if s.scheduler == "none" else s.scheduler, use_gpu=bool(t.resources.use_gpu),
-        storage=resolve(cfg, t.storage), name=t.run_name, storage_options=_opts(cfg), seed=t.seed, overwrite=t.overwrite,
-    )
+    return pipeline.sweep(model, train, s.tune_space(), tuning=s.tuning(bool(t.resources.use_gpu)),
+                          validation=_validation(cfg, features), stopping=t.stopping(),
+                          batches=pipeline.Batches(batch_size=t.batch_size, seed=t.seed),
+                          run=t.run(resolve(cfg, t.storage), _opts(cfg)))
 
 
 def finetune_step(cfg: RunConfig, model: fx.GraphModule, progress: Progress | None = None,
@@ -197,13 +191,13 @@ def finetune_step(cfg: RunConfig, model: fx.GraphModule, progress: Progress | No
     callback = (lambda e: progress("finetune", e)) if progress is not None else None
     train = read_source(cfg, cfg.data.train)
     validation = read_source(cfg, cfg.data.validation, train.classes) if isinstance(cfg.data.validation, str) else None
-    result = pipeline.finetune(
-        model, train, validation=validation, epochs=t.epochs,
-        batch_size=t.batch_size or 32, resources=t.resources, augment=t.augment, image_size=cfg.featurize.image_size,
-        storage=resolve(cfg, t.storage), name=t.run_name, storage_options=_opts(cfg), shuffle=t.shuffle, seed=t.seed,
-        early_stopping_patience=t.early_stopping_patience, max_epochs=t.max_epochs, max_failures=t.max_failures,
-        callback=callback, stages=t.stages, features=features, overwrite=t.overwrite,
-    )
+    stages = t.stages
+    if stages and features is not None:
+        stages = [stages[0].model_copy(update={"features": features}), *stages[1:]]
+    result = pipeline.finetune(model, train, validation=validation, stopping=t.stopping(),
+                               batches=t.batches(augment=t.augment, image_size=cfg.featurize.image_size),
+                               resources=t.resources, run=t.run(resolve(cfg, t.storage), _opts(cfg), callback),
+                               stages=stages)
     if progress is not None:
         progress("finetune", {"event": "end"})
     return result

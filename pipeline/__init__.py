@@ -12,6 +12,10 @@ from freezeray.lazy import lazy_package
 
 # name -> the submodule that defines it (None: the name is a submodule)
 _EXPORTS: dict[str, str | None] = {
+    "Batches": "options",
+    "Run": "options",
+    "Stopping": "options",
+    "Tuning": "options",
     "EvalResult": "evaluate",
     "Scorer": "evaluate",
     "evaluate": "evaluate",
@@ -45,6 +49,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .finetune import finetune
     from .head import fit_head
     from .lease import LeaseHeld, LeaseLost
+    from .options import Batches, Run, Stopping, Tuning
     from .predict import PredictResult, predict
     from .resources import Resources
     from .runs import RunMismatch

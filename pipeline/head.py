@@ -2,7 +2,7 @@
 ``fitFeaturized`` on a whole data set) with the training function of
 :mod:`pipeline.train`, in Ray Train's local mode or on Ray Train workers.
 
-Modes (``num_workers``):
+Modes (``resources.num_workers``, see :class:`~pipeline.Resources`):
 
 * ``0``: Ray Train V2's local mode (``ScalingConfig(num_workers=0)``): the training
   function runs in the calling process, without worker actors or a Ray session. The
@@ -21,13 +21,13 @@ Modes (``num_workers``):
   buffer).
 * ``None`` (the default): local mode when the features (as float32) take at most
   :func:`local_limit_bytes` (a quarter of the driver's available memory, at most 2 GiB)
-  and no GPU is asked for; otherwise one worker per GPU (``use_gpu``) or per CPU of the
+  and no GPU is asked for; otherwise one worker per GPU (``resources.use_gpu``) or per CPU of the
   cluster. The choice is logged.
 
 In both modes each epoch shuffles with a permutation seeded by (seed, epoch, rank), so a
 1-worker run and a local run give the same weights. With N workers each worker shuffles
 its own part and the gradients of the N batches are averaged, so N workers with
-``batch_size`` B take the same steps as one process with batch N*B only when the batches
+``Batches(batch_size=B)`` take the same steps as one process with batch N*B only when the batches
 hold the same rows, i.e. without shuffling and with full batches; otherwise the results
 differ by the order of the rows (tested both ways).
 """
@@ -38,7 +38,8 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,11 +47,11 @@ import torch.fx as fx
 
 import surgery
 from surgery.helper import split
-from surgery.training import DEFAULT_MAX_EPOCHS, Stopping
 from surgery.training.config import FineTuneConfiguration
 from surgery.training.objective import check_targets, loss_specs
 
 from .features import FeatureSet, split_rows
+from .options import Batches, Run, Stopping
 from .resources import Resources
 from .runs import claim_run, data_definition, features_definition, fine_tune_definition, model_definition
 from .stream import plan_stream
@@ -64,7 +65,6 @@ from .train import (
     run_name,
     run_trainer,
     seed_of,
-    training_resources,
     worker_memory_bytes,
 )
 
@@ -142,22 +142,11 @@ def fit_head(
     model: fx.GraphModule,
     features: str | FeatureSet,
     *,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    use_gpu: bool = False,
     validation: str | FeatureSet | float | None = None,
-    storage: str | None = None,
-    name: str | None = None,
-    storage_options: dict[str, Any] | None = None,
+    stopping: Stopping | None = None,
+    batches: Batches | None = None,
     resources: Resources | None = None,
-    shuffle: bool = True,
-    seed: int | None = None,
-    early_stopping_patience: int | None = None,
-    max_epochs: int = DEFAULT_MAX_EPOCHS,
-    max_failures: int = 0,
-    callback: Callable[[dict[str, Any]], None] | None = None,
-    overwrite: bool = False,
+    run: Run | None = None,
 ) -> FitResult:
     """Train the unfrozen part of ``model`` on a feature set (DL4J's ``fitFeaturized``, on
     a whole data set) with Ray Train, and return the model with the best epoch's weights.
@@ -165,37 +154,17 @@ def fit_head(
     Args:
         model: a freezeray model whose frozen part made ``features``.
         features: a committed feature-set URI or :class:`FeatureSet`.
-        epochs: epochs in total (a resumed run counts those already done); None (the
-            default): until the validation loss has not improved for
-            ``early_stopping_patience`` epochs (default 20), at most ``max_epochs``.
-        batch_size: rows per worker per step; None: :func:`default_batch_size` of the
-            training rows (16 for a thousand rows, up to 512 for large sets).
-        num_workers: 0: Ray Train's local mode, in this process; N: N Ray Train workers
-            (DDP); None (the default): local mode when the features fit comfortably in
-            this process's memory and no GPU is asked for (see :func:`choose_workers`).
-        use_gpu: train on GPUs (one per worker; the local GPU in local mode).
         validation: a feature-set URI / ``FeatureSet``, or a fraction of ``features`` held
-            out by a seeded split on row ids; None with ``epochs=None``: a tenth is held out.
-        storage: URI for checkpoints (local or object storage); None: ``~/ray_results``.
-        name: run name under ``storage``; None: a new name. A run with an existing name
-            and the same definition (model, features, fine-tune configuration, batch
-            size, shuffling, seed, validation; see :mod:`pipeline.runs`) resumes from its
-            newest good checkpoint (in the mode it was started in); with another
-            definition it is refused (:class:`~pipeline.RunMismatch`).
-        storage_options: fsspec options for ``features``, ``validation`` and ``storage``.
-        resources: Ray Train's workers (:class:`~pipeline.Resources`); ``num_workers`` and
-            ``use_gpu`` above are shorthands for its fields; ``cpus_per_worker`` (default 1).
-        shuffle: a fresh seeded permutation of the rows every epoch.
-        seed: seeds torch and the permutations; None: the fine-tune configuration's seed, else 0.
-        early_stopping_patience: epochs without a better validation loss (training loss
-            without validation) that end the run; None: 20 with ``epochs=None``, off otherwise.
-        max_epochs: the bound for ``epochs=None``.
-        max_failures: worker failures to survive (each restarts from the last checkpoint).
-        callback: called in the training process with ``{"event": "batch_end" |
-            "epoch_end" | "resume", ...}`` (``resume``: the checkpoint a restarted or resumed
-            run continues from, and the bad checkpoints it skipped).
-        overwrite: a run named ``name`` with another definition is deleted and this one
-            starts in its place, instead of being refused.
+            out by a seeded split on row ids; None with ``stopping.epochs=None``: a tenth.
+        stopping: when training ends (:class:`~pipeline.Stopping`); left out: until the
+            validation loss has not improved for 20 epochs, at most 200.
+        batches: batch size, shuffling and seed (:class:`~pipeline.Batches`); the batch
+            size left out is :func:`default_batch_size` of the training rows.
+        resources: Ray Train's workers (:class:`~pipeline.Resources`): ``num_workers`` 0 is
+            local mode, in this process; None (the default) is local mode when the
+            features fit comfortably in memory and no GPU is asked for (:func:`choose_workers`).
+        run: name, storage, storage options, failures, callback (:class:`~pipeline.Run`); a
+            run with an existing name and the same definition resumes.
 
     Returns:
         a :class:`FitResult`: the full model with the best epoch's weights (by validation
@@ -203,78 +172,116 @@ def fit_head(
 
     Raises:
         FeatureMismatch: features made by another frozen graph (before any training).
-        RunMismatch: ``name`` holds a run with another definition (and not ``overwrite``).
+        RunMismatch: ``run.name`` holds a run with another definition (and not ``overwrite``).
         ValueError: zero rows, labels the output cannot score, or a loss that does not fit
             class labels.
 
     Example:
-        >>> result = pipeline.fit_head(model, "s3://bucket/features/train", storage_options=opts)
+        >>> result = pipeline.fit_head(model, "s3://bucket/features/train", run=Run(storage_options=opts))
         >>> result.best_epoch, result.metrics["val_accuracy"]
     """
     started = time.perf_counter()
-    fset = open_features(features, storage_options)
-    fset.check(model)
-    if fset.rows == 0:
-        raise ValueError(f"the feature set at {fset.uri!r} has zero rows: nothing to train on")
-    specs = loss_specs(model)
-    check_targets(specs, len(fset.classes) or None)
-    head = split(model).unfrozen
-    if not any(p.requires_grad for p in head.parameters()):
-        raise ValueError("the model has nothing trainable after its frozen boundary")
-    stopping = Stopping(epochs, early_stopping_patience, max_epochs)
-    if validation is None and epochs is None:
-        validation = AUTO_VALIDATION
+    job = _HeadJob.plan(model, features, validation, stopping or Stopping(), (batches or Batches()).for_features(),
+                        resources or Resources(), run or Run())
+    resumed = claim_run(job.settings.storage, job.settings.run, "fit_head", job.definition,
+                        job.run.storage_options, job.run.overwrite)  # before anything is trained
+    out = finish(model, job.train(), job.settings, started)
+    out.resumed = resumed
+    log.info("fit_head %s (%s): %d epochs, best epoch %s: %s", out.run,
+             "local mode" if job.workers == 0 else f"{job.workers} workers", len(out.history), out.best_epoch,
+             _fmt(out.metrics))
+    return out
+
+
+@dataclass
+class _HeadJob:
+    """One ``fit_head`` call, checked and planned: where its rows come from, how many
+    workers train them and the settings every worker gets."""
+
+    head: fx.GraphModule
+    fset: FeatureSet
+    val_set: FeatureSet | None
+    validation: Any  # None, a fraction, or the validation set's URI/FeatureSet
+    workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    run: Run
+    settings: TrainSettings
+    definition: dict[str, Any]
+
+    @classmethod
+    def plan(cls, model: fx.GraphModule, features: str | FeatureSet, validation: Any, stopping: Stopping,
+             batches: Batches, resources: Resources, run: Run) -> "_HeadJob":
+        fset = open_features(features, run.storage_options)
+        fset.check(model)
+        if fset.rows == 0:
+            raise ValueError(f"the feature set at {fset.uri!r} has zero rows: nothing to train on")
+        specs = loss_specs(model)
+        check_targets(specs, len(fset.classes) or None)
+        head = split(model).unfrozen
+        if not any(p.requires_grad for p in head.parameters()):
+            raise ValueError("the model has nothing trainable after its frozen boundary")
+        validation, val_set = _validation(model, fset, validation, stopping, run.storage_options)
+        num_workers, use_gpu, cpus_per_worker = resources.for_training()
+        row_bytes = 4 * sum(math.prod(s) for s in fset.feature_shapes)
+        workers = choose_workers(num_workers, use_gpu, row_bytes * (fset.rows + (val_set.rows if val_set else 0)),
+                                 cpus_per_worker)
+        seed = seed_of(model, batches.seed)
+        train_rows = int(fset.rows * (1 - validation)) if isinstance(validation, float) else fset.rows
+        batch = batches.batch_size if batches.batch_size is not None else default_batch_size(train_rows // max(workers, 1))
+        name, where = run_name(run.name, "fit_head"), run.storage or default_storage()
+        definition = {**model_definition(model, head), "features": features_definition(fset),
+                      "fine_tune": fine_tune_definition(model), "batch_size": batch, "shuffle": batches.shuffle,
+                      "seed": seed, "validation": data_definition(val_set if val_set is not None else validation)}
+        in_memory = row_bytes * fset.rows / max(workers, 1) <= worker_memory_bytes()
+        stream = None
+        if workers and not in_memory:  # past a worker's memory: each worker streams its own shards from storage
+            stream = plan_stream(fset, val_set if val_set is not None else validation, workers, batch, seed,
+                                 batches.shuffle, run.storage_options)
+            log.info("fit_head: streaming %d training shards (%d held out) to %d workers, checkpoints every %d steps",
+                     len(stream.shards), len(stream.validation), workers, stream.checkpoint_steps)
+        settings = TrainSettings(
+            stopping=stopping.to_dict(), batch_size=batch, shuffle=batches.shuffle, seed=seed, inputs="features",
+            feature_columns=fset.feature_columns, preprocessing=None, losses=tuple(s.to_dict() for s in specs),
+            fine_tune=(surgery.get_info(model).fine_tune or FineTuneConfiguration()).to_dict(),
+            validation=validation is not None, world_size=workers, run=name, storage=where, in_memory=in_memory,
+            stream=stream.to_dict() if stream is not None else None,
+        )
+        return cls(head, fset, val_set, validation, workers, use_gpu, cpus_per_worker, run, settings, definition)
+
+    def train(self) -> Any:
+        """Ray Train's ``Result``: local mode, streaming workers, or workers with their parts in memory."""
+        s, run = self.settings, self.run
+        if self.workers == 0:
+            return run_trainer(self.head, s, tensors=_local_tensors(self.fset, self.val_set, self.validation, s),
+                               use_gpu=self.use_gpu, storage_options=run.storage_options, callback=run.callback)
+        if s.stream is not None:
+            return run_trainer(self.head, s, use_gpu=self.use_gpu, cpus_per_worker=self.cpus_per_worker,
+                               storage_options=run.storage_options, max_failures=run.max_failures,
+                               callback=run.callback)
+        return _run_workers(self.head, self.fset, self.val_set, self.validation, s, self.use_gpu,
+                            self.cpus_per_worker, run)
+
+
+def _validation(model: fx.GraphModule, fset: FeatureSet, validation: Any, stopping: Stopping,
+                storage_options: dict | None) -> tuple[Any, FeatureSet | None]:
+    """``(validation, its feature set)``: a fraction (a tenth when early stopping has
+    nothing else to measure on), or a checked feature set with the training classes."""
+    if validation is None and stopping.epochs is None:
         log.info("fit_head: epochs=None stops on the validation loss; holding out a seeded %.0f%% of the rows",
                  100 * AUTO_VALIDATION)
-    val_set = None
+        return AUTO_VALIDATION, None
     if isinstance(validation, float):
         if not 0.0 < validation < 1.0:
             raise ValueError(f"validation as a fraction must be in (0, 1), got {validation}")
-    elif validation is not None:
-        val_set = open_features(validation, storage_options)
-        val_set.check(model)
-        if val_set.classes != fset.classes:
-            raise ValueError(f"validation classes {val_set.classes} differ from training classes {fset.classes}")
-    num_workers, use_gpu, cpus_per_worker = training_resources(num_workers, use_gpu, resources)
-    row_bytes = 4 * sum(math.prod(s) for s in fset.feature_shapes)
-    workers = choose_workers(num_workers, use_gpu, row_bytes * (fset.rows + (val_set.rows if val_set else 0)),
-                             cpus_per_worker)
-    seed = seed_of(model, seed)
-    train_rows = int(fset.rows * (1 - validation)) if isinstance(validation, float) else fset.rows
-    batch = batch_size if batch_size is not None else default_batch_size(train_rows // max(workers, 1))
-    run, where = run_name(name, "fit_head"), storage or default_storage()
-    definition = {**model_definition(model, head), "features": features_definition(fset),
-                  "fine_tune": fine_tune_definition(model), "batch_size": batch, "shuffle": shuffle, "seed": seed,
-                  "validation": data_definition(val_set if val_set is not None else validation)}
-    in_memory = row_bytes * fset.rows / max(workers, 1) <= worker_memory_bytes()
-    stream = None
-    if workers and not in_memory:  # past a worker's memory: each worker streams its own shards from storage
-        stream = plan_stream(fset, val_set if val_set is not None else validation, workers, batch, seed, shuffle,
-                             storage_options)
-        log.info("fit_head: streaming %d training shards (%d held out) to %d workers, checkpoints every %d steps",
-                 len(stream.shards), len(stream.validation), workers, stream.checkpoint_steps)
-    settings = TrainSettings(
-        stopping=stopping.to_dict(), batch_size=batch, shuffle=shuffle, seed=seed, inputs="features",
-        feature_columns=fset.feature_columns, preprocessing=None, losses=tuple(s.to_dict() for s in specs),
-        fine_tune=(surgery.get_info(model).fine_tune or FineTuneConfiguration()).to_dict(),
-        validation=validation is not None, world_size=workers, run=run, storage=where, in_memory=in_memory,
-        stream=stream.to_dict() if stream is not None else None,
-    )
-    resumed = claim_run(where, run, "fit_head", definition, storage_options, overwrite)  # before anything is trained
-    if workers == 0:
-        result = run_trainer(head, settings, tensors=_local_tensors(fset, val_set, validation, settings),
-                             use_gpu=use_gpu, storage_options=storage_options, callback=callback)
-    elif stream is not None:
-        result = run_trainer(head, settings, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
-                             storage_options=storage_options, max_failures=max_failures, callback=callback)
-    else:
-        result = _run_workers(head, fset, val_set, validation, settings, use_gpu, cpus_per_worker, storage_options,
-                              max_failures, callback)
-    out = finish(model, result, settings, started)
-    out.resumed = resumed
-    log.info("fit_head %s (%s): %d epochs, best epoch %s: %s", out.run,
-             "local mode" if workers == 0 else f"{workers} workers", len(out.history), out.best_epoch, _fmt(out.metrics))
-    return out
+        return validation, None
+    if validation is None:
+        return None, None
+    val_set = open_features(validation, storage_options)
+    val_set.check(model)
+    if val_set.classes != fset.classes:
+        raise ValueError(f"validation classes {val_set.classes} differ from training classes {fset.classes}")
+    return validation, val_set
 
 
 def _local_tensors(fset: FeatureSet, val_set: FeatureSet | None, validation: Any, s: TrainSettings) -> dict[str, Any]:
@@ -293,8 +300,7 @@ def _local_tensors(fset: FeatureSet, val_set: FeatureSet | None, validation: Any
 
 
 def _run_workers(head: fx.GraphModule, fset: FeatureSet, val_set: FeatureSet | None, validation: Any,
-                 s: TrainSettings, use_gpu: bool, cpus_per_worker: float, storage_options: dict | None,
-                 max_failures: int, callback: Callable | None) -> Any:
+                 s: TrainSettings, use_gpu: bool, cpus_per_worker: float, run: Run) -> Any:
     import ray.train
 
     from .runtime import ensure_ray
@@ -311,8 +317,8 @@ def _run_workers(head: fx.GraphModule, fset: FeatureSet, val_set: FeatureSet | N
     if val_ds is not None:
         datasets.update(_split_for_workers(val_ds, "validation", s.world_size, equal=False))
     return run_trainer(head, s, datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]),
-                       use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, storage_options=storage_options,
-                       max_failures=max_failures, callback=callback)
+                       use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, storage_options=run.storage_options,
+                       max_failures=run.max_failures, callback=run.callback)
 
 
 def _split_for_workers(ds: Any, prefix: str, n: int, equal: bool) -> dict[str, Any]:

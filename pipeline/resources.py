@@ -26,3 +26,8 @@ class Resources(Schema):
     cpus_per_worker: float | None = Field(default=None, gt=0)
     gpus_per_worker: float | None = Field(default=None, ge=0)  # None: 1 with a GPU
     threads_per_worker: int | None = Field(default=None, gt=0)  # torch threads per CPU actor; None: the node's CPUs shared by its actors
+
+    def for_training(self) -> tuple[int | None, bool, float]:
+        """``(num_workers, use_gpu, cpus_per_worker)`` as the training calls read them: no
+        GPU unless asked for, one CPU per worker unless given."""
+        return self.num_workers, bool(self.use_gpu), float(self.cpus_per_worker or 1.0)

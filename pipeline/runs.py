@@ -18,10 +18,10 @@ Calling again with the same ``name``:
 * the same definition: the run resumes from its newest good checkpoint (a finished run
   returns as it was; a finished sweep is reused without running a trial);
 * another definition: :class:`RunMismatch`, one line naming what changed, before anything
-  is trained or written; with ``overwrite=True`` the old run is deleted and this one starts.
+  is trained or written; with ``Run(overwrite=True)`` the old run is deleted and this one starts.
 
-How long a head or fine-tuning run trains (``epochs``, ``early_stopping_patience``,
-``max_epochs``) is not part of its definition, so calling again with more epochs continues
+How long a head or fine-tuning run trains (:class:`~pipeline.Stopping`: ``epochs``,
+``patience``, ``max_epochs``) is not part of its definition, so calling again with more epochs continues
 the same run; nor are the resources (workers, GPUs). A sweep has no such continuation: all
 its settings define it. New layers whose weights are drawn at random without a fine-tune
 seed start from other weights in every process, so such a model is a new definition each

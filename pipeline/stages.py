@@ -55,7 +55,7 @@ class Stage(Schema):
     """One stage of a staged fine-tuning run.
 
     Example:
-        >>> Stage(frozen="global_pool")                                    # the head, on cached features
+        >>> Stage(frozen="global_pool", features="s3://b/features/train")  # the head, on cached features
         >>> Stage(unfreeze=("blocks.6", "conv_head", "bn2"), lr=1e-4)      # then the last block, slower
         >>> Stage(frozen="blocks.4", lr_slice=(1e-5, 1e-4), epochs=3)      # then blocks 5 and 6, ramped
     """
@@ -68,6 +68,9 @@ class Stage(Schema):
     lr_slice: tuple[float, float] | None = None  # fastai's slice: a geometric ramp over the trainable blocks
     batch_size: PositiveInt | None = None  # None: finetune's batch size (fit_head's default on features)
     train_bn: bool = True  # False: BatchNorm layers this stage unfreezes keep their running statistics
+    # the first stage only: a feature set (URI or FeatureSet) its frozen part made, trained on
+    # with fit_head instead of images; not part of the stage's definition (the features are)
+    features: Any = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
     def _one_way(self) -> "Stage":
@@ -133,13 +136,13 @@ def run_stages(
     stages: Sequence[Stage | dict[str, Any]],
     train_images: Callable[[fx.GraphModule, Stage, str, Callable | None], FitResult],
     *,
-    features: Any = None,
     run: str,
     fit_features: Callable[[fx.GraphModule, Stage, str, Callable | None], FitResult] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
     """Run ``stages`` one after the other (see the module's docstring); ``train_images`` and
-    ``fit_features`` train one stage's model from images or from ``features``.
+    ``fit_features`` train one stage's model from images or, for a first stage with
+    ``features``, from its feature set.
 
     Returns:
         the last stage's :class:`FitResult` (its model holds that stage's best weights),
@@ -159,7 +162,7 @@ def run_stages(
         m = stage_model(current, stage, pretrained_bn)
         name = f"{run}-stage{i}"
         cb = (lambda event, i=i: callback({**event, "stage": i})) if callback is not None else None
-        on_features = i == 0 and features is not None
+        on_features = i == 0 and stage.features is not None
         trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
         log.info("stage %d of %d (%s): %s trainable parameters, from %s", i + 1, len(plan), name, f"{trainable:,}",
                  "the feature set" if on_features else "images")

@@ -41,16 +41,18 @@ import torch
 import torch.fx as fx
 
 import surgery
-from freezeray import storage as _storage  # sweep() has a `storage` argument
+from freezeray import storage as _storage
 from surgery import FineTuneConfiguration, TransferLearning
 from surgery.freeze import is_frozen
 from surgery.graph import VertexError, resolve
 from surgery.helper import split
-from surgery.training import DEFAULT_MAX_EPOCHS, Stopping, run_epochs, tensor_batches
+from surgery.training import run_epochs, tensor_batches
 from surgery.training.objective import LossSpec, check_targets, loss_specs
 
 from .features import FeatureSet, split_rows
 from .head import AUTO_VALIDATION, default_batch_size, feature_tensors, open_features
+from .options import Batches, Run, Stopping, Tuning
+from .resources import Resources
 from .runs import (
     claim_run,
     data_definition,
@@ -188,7 +190,7 @@ def _trial(config: dict[str, Any], *, heads: Any, data: Any, base: dict[str, Any
         if isinstance(module, Layer) and any(p.requires_grad for p in module.parameters()):
             module.default_dropout = ftc.dropout
     stopping = Stopping(config.get("epochs", base["epochs"]), config.get("patience", base["patience"]),
-                        config.get("max_epochs", base["max_epochs"]))
+                        config.get("max_epochs", base["max_epochs"]), base.get("min_delta", 0.0))
     batch = int(config.get("batch_size", base["batch_size"]))
     specs = [LossSpec.from_dict(d) for d in base["losses"]]
     x, y = tensors["train"]
@@ -244,22 +246,11 @@ def sweep(
     features: str | FeatureSet,
     space: Mapping[str, Any],
     *,
-    num_samples: int = 1,
-    metric: str = "val_loss",
-    mode: str = "min",
+    tuning: Tuning | None = None,
     validation: str | FeatureSet | float | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    early_stopping_patience: int | None = None,
-    max_epochs: int = DEFAULT_MAX_EPOCHS,
-    scheduler: str | None = "asha",
-    max_concurrent_trials: int | None = None,
-    use_gpu: bool = False,
-    storage: str | None = None,
-    name: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    seed: int | None = None,
-    overwrite: bool = False,
+    stopping: Stopping | None = None,
+    batches: Batches | None = None,
+    run: Run | None = None,
 ) -> SweepResult:
     """Try many heads on one feature set with Ray Tune; return every trial and the best model.
 
@@ -268,27 +259,16 @@ def sweep(
         features: a committed feature-set URI or :class:`FeatureSet`.
         space: settings to try (see the module docstring), e.g.
             ``{"lr": tune.loguniform(1e-4, 1e-1), "n_out.fc3": tune.choice([64, 256])}``.
-        num_samples: samples of the space (each ``tune.grid_search`` is crossed with them,
-            as in Ray Tune).
-        metric, mode: what ranks trials: ``val_loss`` (min), ``val_accuracy`` (max), or
-            the training ``loss``/``accuracy``.
+        tuning: samples, the metric and mode that rank trials (``val_loss`` min,
+            ``val_accuracy`` max, or the training ``loss``/``accuracy``), the scheduler,
+            concurrency and GPUs (:class:`~pipeline.Tuning`).
         validation: a feature set or a fraction held out by a seeded split (default: a tenth).
-        epochs, batch_size, early_stopping_patience, max_epochs: as for
-            :func:`pipeline.fit_head`, for settings the space leaves out.
-        scheduler: ``"asha"`` (stop trailing trials early) or None (run every trial out).
-        max_concurrent_trials: None: as many as the cluster's CPUs (GPUs) allow.
-        use_gpu: one GPU per trial.
-        storage, name: where Ray Tune keeps trial results and checkpoints
-            (default ``~/ray_results/sweep-<time>``). A sweep under an existing name
-            with the same definition (model, features, validation, fine-tune
-            configuration, space, samples, ranking and training settings; see
-            :mod:`pipeline.runs`) is reused when it finished (no trial runs) and started
-            again when it did not (resuming would unpickle Tune's experiment state, which
-            freezeray never does); with another definition it is refused.
-        storage_options: fsspec options for ``features``, ``validation`` and ``storage``.
-        seed: seeds every trial the same way (default: the fine-tune configuration's, else 0).
-        overwrite: a sweep named ``name`` with another definition is deleted and this one
-            runs in its place, instead of being refused.
+        stopping, batches: as for :func:`pipeline.fit_head`, for settings the space leaves out.
+        run: where Ray Tune keeps trial results and checkpoints (``name``, ``storage``,
+            ``storage_options``; default ``~/ray_results/sweep-<time>``). A sweep under an
+            existing name with the same definition (see :mod:`pipeline.runs`) is reused
+            when it finished (no trial runs) and started again when it did not; with
+            another definition it is refused unless ``overwrite``.
 
     Returns:
         a :class:`SweepResult`: ``table`` (a pandas DataFrame, best trial first),
@@ -297,36 +277,72 @@ def sweep(
     Raises:
         ValueError: an empty space, an unknown setting, values a setting cannot take, or a
             metric the trials never report, all before any trial starts.
-        RunMismatch: ``name`` holds a sweep with another definition (and not ``overwrite``).
+        RunMismatch: ``run.name`` holds a sweep with another definition (and not ``overwrite``).
 
     Example:
         >>> from ray import tune
         >>> result = pipeline.sweep(model, features, {"lr": tune.loguniform(1e-4, 1e-1),
-        ...                                           "weight_decay": tune.choice([0.0, 1e-4])}, num_samples=16)
+        ...                                           "weight_decay": tune.choice([0.0, 1e-4])},
+        ...                         tuning=Tuning(num_samples=16))
         >>> print(result.table.head())
     """
-    from ray import tune
-
-    from .runtime import cluster_cpus, cluster_gpus, ensure_ray, pyarrow_filesystem
-
     started = time.perf_counter()
-    fset = open_features(features, storage_options)
+    tuning, stopping, batches, run = (tuning or Tuning(), stopping or Stopping(), (batches or Batches()).for_features(),
+                                      run or Run())
+    if run.max_failures or run.callback is not None or not batches.shuffle:
+        raise ValueError("sweep's trials always shuffle and keep no worker failures or callbacks: "
+                         "Batches(shuffle=False) and Run(max_failures=..., callback=...) are for fit_head and finetune")
+    fset = open_features(features, run.storage_options)
     fset.check(model)
     if fset.rows == 0:
         raise ValueError(f"the feature set at {fset.uri!r} has zero rows: nothing to train on")
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples <= 0:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if scheduler not in ("asha", None):
-        raise ValueError(f"scheduler must be 'asha' or None, got {scheduler!r}")
     specs = loss_specs(model)
     check_targets(specs, len(fset.classes) or None)
     validation = AUTO_VALIDATION if validation is None else validation
-    widths = _check_space(space, model, metric, mode, has_validation=True)
-    Stopping(epochs, early_stopping_patience, max_epochs)  # checks them
-    seed = seed_of(model, seed)
-
+    widths = _check_space(space, model, tuning.metric, tuning.mode, has_validation=True)
+    seed = seed_of(model, batches.seed)
     sampled = _sample(fset, seed)
+    data, val_set = _sweep_data(model, fset, sampled, validation, seed, run.storage_options)
+    where, name = run.storage or default_storage(), run_name(run.name, "sweep")
+    definition = {**model_definition(model, split(model).unfrozen), "features": features_definition(fset),
+                  "validation": data_definition(validation if isinstance(validation, float) else val_set),
+                  "fine_tune": fine_tune_definition(model), "space": describe(dict(space)),
+                  "num_samples": tuning.num_samples, "metric": tuning.metric, "mode": tuning.mode,
+                  "epochs": stopping.epochs, "batch_size": batches.batch_size,
+                  "early_stopping_patience": stopping.patience, "max_epochs": stopping.max_epochs,
+                  "scheduler": tuning.scheduler, "seed": seed}
+    variants, vertices = _variants(model, widths), list(widths)
+    if claim_run(where, name, "sweep", definition, run.storage_options, run.overwrite):
+        done = _load_result(_storage.join(where, name), model, vertices, run.storage_options, started)
+        if done is not None:
+            log.info("sweep %s: finished before with this definition; reused (no trial ran)", name)
+            return done
+        restart_run(where, name, "sweep", definition, run.storage_options)  # interrupted: it starts again
+    ftc = surgery.get_info(model).fine_tune or FineTuneConfiguration()
+    base = {
+        "seed": seed, "fine_tune": ftc.to_dict(), "epochs": stopping.epochs, "patience": stopping.patience,
+        "max_epochs": stopping.max_epochs, "min_delta": stopping.min_delta, "losses": [s.to_dict() for s in specs],
+        "metric": tuning.metric, "mode": tuning.mode, "widths": vertices, "threads": 1,
+        "batch_size": batches.batch_size or default_batch_size(len(data["train"][1])),
+    }
+    grid = _tune(variants, data, base, space, tuning, stopping, where, name, run.storage_options)
+    out, weights = _collect(grid, space, tuning.metric, tuning.mode, variants, vertices, started)
+    if sampled is not fset:  # trials ran on a sample: the best configuration is trained again on every row
+        out, weights = _refit(out, variants[_width_key({**out.best_config}, vertices)], fset, validation,
+                              Run(name=f"{name}-refit", storage=where, storage_options=run.storage_options), seed,
+                              base, tuning.use_gpu)
+    _save_result(_storage.join(where, name), out, weights, run.storage_options)
+    log.info("sweep %s: %d trials in %.1fs; best %s=%.4f with %s", name, len(out.table), out.seconds, tuning.metric,
+             out.best_metrics[tuning.metric], out.best_config)
+    return out
+
+
+def _sweep_data(model: fx.GraphModule, fset: FeatureSet, sampled: FeatureSet, validation: Any, seed: int,
+                storage_options: dict | None) -> tuple[dict[str, Any], FeatureSet | None]:
+    """The trials' training and validation arrays (read once on the driver), and the
+    validation feature set when one was given."""
     table = feature_tensors(sampled, fset.feature_columns)
+    val_set = None
     if isinstance(validation, float):
         if not 0.0 < validation < 1.0:
             raise ValueError(f"validation as a fraction must be in (0, 1), got {validation}")
@@ -335,63 +351,44 @@ def sweep(
         val_set = open_features(validation, storage_options)
         val_set.check(model)
         train_part, val_part = table, feature_tensors(val_set, fset.feature_columns)
-    data = {name_: _arrays(part, fset.feature_columns) for name_, part in (("train", train_part), ("validation", val_part))}
-    vertices = list(widths)
-    variants = _variants(model, widths)
-    where, run = storage or default_storage(), run_name(name, "sweep")
-    definition = {**model_definition(model, split(model).unfrozen), "features": features_definition(fset),
-                  "validation": data_definition(validation if isinstance(validation, float) else val_set),
-                  "fine_tune": fine_tune_definition(model), "space": describe(dict(space)), "num_samples": num_samples,
-                  "metric": metric, "mode": mode, "epochs": epochs, "batch_size": batch_size,
-                  "early_stopping_patience": early_stopping_patience, "max_epochs": max_epochs,
-                  "scheduler": scheduler, "seed": seed}
-    if claim_run(where, run, "sweep", definition, storage_options, overwrite):
-        done = _load_result(_storage.join(where, run), model, vertices, storage_options, started)
-        if done is not None:
-            log.info("sweep %s: finished before with this definition; reused (no trial ran)", run)
-            return done
-        restart_run(where, run, "sweep", definition, storage_options)  # interrupted: it starts again
+    data = {key: _arrays(part, fset.feature_columns) for key, part in (("train", train_part), ("validation", val_part))}
+    return data, val_set
+
+
+def _tune(variants: dict[tuple, fx.GraphModule], data: dict[str, Any], base: dict[str, Any], space: Mapping[str, Any],
+          tuning: Tuning, stopping: Stopping, where: str, name: str, storage_options: dict | None) -> Any:
+    """Ray Tune over the trials; its ``ResultGrid`` once every trial ended."""
+    from ray import tune
+
+    from .runtime import cluster_cpus, cluster_gpus, ensure_ray, pyarrow_filesystem
+
     ensure_ray()
     heads = {combo: split(m).unfrozen for combo, m in variants.items()}
-    ftc = surgery.get_info(model).fine_tune or FineTuneConfiguration()
-    base = {
-        "seed": seed, "fine_tune": ftc.to_dict(), "epochs": epochs, "patience": early_stopping_patience,
-        "max_epochs": max_epochs, "losses": [s.to_dict() for s in specs], "metric": metric, "mode": mode,
-        "batch_size": batch_size or default_batch_size(len(data["train"][1])), "widths": vertices, "threads": 1,
-    }
-    slots = int(cluster_gpus()) if use_gpu else int(cluster_cpus())
-    concurrent = max(1, min(slots, max_concurrent_trials or slots))
+    slots = int(cluster_gpus()) if tuning.use_gpu else int(cluster_cpus())
+    concurrent = max(1, min(slots, tuning.max_concurrent_trials or slots))
     trainable = tune.with_parameters(_trial, heads=heads, data=data, base=base)  # put in the object store once
-    trainable = tune.with_resources(trainable, {"cpu": 1, **({"gpu": 1} if use_gpu else {})})
+    trainable = tune.with_resources(trainable, {"cpu": 1, **({"gpu": 1} if tuning.use_gpu else {})})
     asha = None
-    if scheduler == "asha":
+    if tuning.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        limit = Stopping(epochs, early_stopping_patience, max_epochs).limit
-        asha = ASHAScheduler(max_t=limit, grace_period=min(4, limit), reduction_factor=2)
+        asha = ASHAScheduler(max_t=stopping.limit, grace_period=min(4, stopping.limit), reduction_factor=2)
     fs, path = pyarrow_filesystem(where, storage_options)
     tuner = tune.Tuner(
         trainable,
         param_space=dict(space),
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, scheduler=asha,
-                                    max_concurrent_trials=concurrent, reuse_actors=True),
+        tune_config=tune.TuneConfig(metric=tuning.metric, mode=tuning.mode, num_samples=tuning.num_samples,
+                                    scheduler=asha, max_concurrent_trials=concurrent, reuse_actors=True),
         # every checkpoint a trial writes is its best epoch so far (the newest is the best); keeping
         # them all avoids the experiment snapshot Tune forces whenever num_to_keep prunes
-        run_config=tune.RunConfig(name=run, storage_path=path, storage_filesystem=fs, verbose=0),
+        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=0),
     )
     with _quiet_tune():
         grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(grid)} trials failed; the first: {errors[0]}")
-    out, weights = _collect(grid, space, metric, mode, variants, vertices, started)
-    if sampled is not fset:  # trials ran on a sample: the best configuration is trained again on every row
-        out, weights = _refit(out, variants[_width_key({**out.best_config}, vertices)], fset, validation, where, run,
-                              storage_options, seed, base, use_gpu)
-    _save_result(_storage.join(where, run), out, weights, storage_options)
-    log.info("sweep %s: %d trials in %.1fs; best %s=%.4f with %s", run, len(out.table), out.seconds, metric,
-             out.best_metrics[metric], out.best_config)
-    return out
+    return grid
 
 
 @contextlib.contextmanager
@@ -484,18 +481,18 @@ def _sample(fset: FeatureSet, seed: int) -> FeatureSet:
     return FeatureSet(fset.uri, manifest, fset.storage_options)
 
 
-def _refit(out: SweepResult, variant: fx.GraphModule, fset: FeatureSet, validation: Any, where: str, run: str,
-           storage_options: dict | None, seed: int, base: dict[str, Any], use_gpu: bool) -> tuple[SweepResult, dict]:
+def _refit(out: SweepResult, variant: fx.GraphModule, fset: FeatureSet, validation: Any, run: Run, seed: int,
+           base: dict[str, Any], use_gpu: bool) -> tuple[SweepResult, dict]:
     """The best trial's configuration trained on the whole feature set (``fit_head``, run
     ``<sweep>-refit``): its model becomes the sweep's ``best_model``."""
     from .head import fit_head
 
     settings = out.best_config
-    fit = fit_head(_configured(variant, settings), fset, epochs=settings.get("epochs", base["epochs"]),
-                   batch_size=settings.get("batch_size", None), validation=validation, storage=where, name=f"{run}-refit",
-                   storage_options=storage_options, seed=seed, use_gpu=use_gpu,
-                   early_stopping_patience=settings.get("patience", base["patience"]),
-                   max_epochs=settings.get("max_epochs", base["max_epochs"]))
+    stopping = Stopping(settings.get("epochs", base["epochs"]), settings.get("patience", base["patience"]),
+                        settings.get("max_epochs", base["max_epochs"]), base["min_delta"])
+    fit = fit_head(_configured(variant, settings), fset, validation=validation, stopping=stopping,
+                   batches=Batches(batch_size=settings.get("batch_size", None), seed=seed),
+                   resources=Resources(use_gpu=use_gpu), run=run)
     out.best_model, out.refit = fit.model, fit
     return out, fit.model.state_dict()
 

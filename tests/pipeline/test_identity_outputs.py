@@ -14,7 +14,7 @@ import surgery
 from jobs.config import parse_config
 from jobs.outcome import RunOutcome
 from jobs.report import write_report
-from pipeline import evaluate, featurize, finetune, fit_head
+from pipeline import Batches, Resources, Run, Stopping, evaluate, featurize, finetune, fit_head
 from surgery import FineTuneConfiguration, TransferLearning
 from surgery.layers import Output
 
@@ -28,7 +28,8 @@ def _two_outputs(tiny):
 def test_two_outputs_train_evaluate_and_report(tiny, tmp_path):
     model = _two_outputs(tiny)
     assert [(s.vertex, s.weight) for s in surgery.loss_specs(model)] == [("fc2", 1.0), ("aux", 0.5)]
-    result = fit_head(model, tiny["train"], validation=tiny["val"], epochs=4, num_workers=0, storage=str(tmp_path), name="two")
+    result = fit_head(model, tiny["train"], validation=tiny["val"], stopping=Stopping(epochs=4),
+                      resources=Resources(num_workers=0), run=Run(storage=str(tmp_path), name="two"))
     for h in result.history:  # a loss and an accuracy per output; the loss is their weighted sum
         assert h["loss"] == pytest.approx(h["fc2_loss"] + 0.5 * h["aux_loss"], rel=1e-5)
         assert h["val_loss"] == pytest.approx(h["val_fc2_loss"] + 0.5 * h["val_aux_loss"], rel=1e-5)
@@ -51,8 +52,9 @@ def test_two_outputs_train_evaluate_and_report(tiny, tmp_path):
     assert set(metrics["evaluation"]["outputs"]) == {"fc2", "aux"}
     assert "aux_loss" in metrics["history"][0] and (tmp_path / "report" / "curves.png").stat().st_size > 0
 
-    tuned = finetune(trained, str(tiny["root"] / "train"), epochs=1, num_workers=0, augment=False,
-                     storage=str(tmp_path), name="two-images")  # from images, both outputs
+    tuned = finetune(trained, str(tiny["root"] / "train"), stopping=Stopping(epochs=1),
+                     batches=Batches(augment=False), resources=Resources(num_workers=0),
+                     run=Run(storage=str(tmp_path), name="two-images"))  # from images, both outputs
     assert {"fc2_loss", "aux_loss", "fc2_accuracy", "aux_accuracy"} <= set(tuned.history[0])
     assert tuned.history[0]["loss"] == pytest.approx(tuned.history[0]["fc2_loss"] + 0.5 * tuned.history[0]["aux_loss"], rel=1e-5)
     images = evaluate(tuned.model, str(tiny["root"] / "val"))  # images: the whole model, both outputs

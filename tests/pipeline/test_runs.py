@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from pipeline import RunMismatch, fit_head, sweep
+from pipeline import Batches, Resources, Run, RunMismatch, Stopping, Tuning, fit_head, sweep
 from pipeline.runs import RUN_RECORD, claim_run
 from surgery import FineTuneConfiguration, TransferLearning
 
@@ -51,11 +51,14 @@ def _checkpoints(folder):
 
 def test_fit_head_resumes_the_same_run_and_refuses_another_definition_under_its_name(tiny, tmp_path):
     model, train, storage = tiny["model"], tiny["train"], str(tmp_path)
-    first = fit_head(model, train, epochs=3, storage=storage, name="tour", num_workers=0)
+    first = fit_head(model, train, stopping=Stopping(epochs=3), resources=Resources(num_workers=0),
+                     run=Run(storage=storage, name="tour"))
     assert not first.resumed and len(first.history) == 3
-    again = fit_head(model, train, epochs=3, storage=storage, name="tour", num_workers=0)
+    again = fit_head(model, train, stopping=Stopping(epochs=3), resources=Resources(num_workers=0),
+                     run=Run(storage=storage, name="tour"))
     assert again.resumed and [h["loss"] for h in again.history] == [h["loss"] for h in first.history]
-    longer = fit_head(model, train, epochs=4, storage=storage, name="tour", num_workers=0)  # epochs: the same run, on
+    longer = fit_head(model, train, stopping=Stopping(epochs=4), resources=Resources(num_workers=0),
+                      run=Run(storage=storage, name="tour"))  # epochs: the same run, on
     assert longer.resumed and len(longer.history) == 4
     kept = _checkpoints(tmp_path / "tour")
 
@@ -64,18 +67,22 @@ def test_fit_head_resumes_the_same_run_and_refuses_another_definition_under_its_
                                                                                       "'nesterov'")):
         other = TransferLearning(model).fine_tune_configuration(ftc).build()
         with pytest.raises(RunMismatch, match=f"run 'tour' at .*{change}"):
-            fit_head(other, train, epochs=3, storage=storage, name="tour", num_workers=0)
+            fit_head(other, train, stopping=Stopping(epochs=3), resources=Resources(num_workers=0),
+                     run=Run(storage=storage, name="tour"))
     with pytest.raises(RunMismatch, match="batch_size 16 -> 8"):
-        fit_head(model, train, epochs=3, batch_size=8, storage=storage, name="tour", num_workers=0)
+        fit_head(model, train, stopping=Stopping(epochs=3), batches=Batches(batch_size=8),
+                 resources=Resources(num_workers=0), run=Run(storage=storage, name="tour"))
     assert _checkpoints(tmp_path / "tour") == kept  # refusals trained and wrote nothing
 
     sgd = TransferLearning(model).fine_tune_configuration(FineTuneConfiguration(updater="sgd", lr=0.1)).build()
-    replaced = fit_head(sgd, train, epochs=2, storage=storage, name="tour", num_workers=0, overwrite=True)
+    replaced = fit_head(sgd, train, stopping=Stopping(epochs=2), resources=Resources(num_workers=0),
+                        run=Run(storage=storage, name="tour", overwrite=True))
     assert not replaced.resumed and len(replaced.history) == 2
     assert replaced.history[0]["loss"] != first.history[0]["loss"] or replaced.history[1]["loss"] != first.history[1]["loss"]
     assert not torch.equal(replaced.model.state_dict()["fc2.linear.weight"], first.model.state_dict()["fc2.linear.weight"])
     with pytest.raises(RunMismatch, match="fine_tune.updater 'sgd' -> 'adam'"):  # the record is the new run's now
-        fit_head(model, train, epochs=3, storage=storage, name="tour", num_workers=0)
+        fit_head(model, train, stopping=Stopping(epochs=3), resources=Resources(num_workers=0),
+                 run=Run(storage=storage, name="tour"))
 
 
 def test_a_finished_sweep_is_reused_and_another_space_under_its_name_is_refused(tiny, tmp_path):
@@ -83,14 +90,18 @@ def test_a_finished_sweep_is_reused_and_another_space_under_its_name_is_refused(
 
     model, train, storage = tiny["model"], tiny["train"], str(tmp_path)
     space = {"lr": tune.grid_search([0.01, 0.05])}
-    first = sweep(model, train, space, epochs=2, scheduler=None, storage=storage, name="s")
+    first = sweep(model, train, space, tuning=Tuning(scheduler=None), stopping=Stopping(epochs=2),
+                  run=Run(storage=storage, name="s"))
     assert not first.reused and len(first.table) == 2
-    again = sweep(model, train, space, epochs=2, scheduler=None, storage=storage, name="s")
+    again = sweep(model, train, space, tuning=Tuning(scheduler=None), stopping=Stopping(epochs=2),
+                  run=Run(storage=storage, name="s"))
     assert again.reused and again.best_config == first.best_config
     assert again.table.to_dict("records") == first.table.to_dict("records")
     for k, v in first.best_model.state_dict().items():
         assert torch.equal(again.best_model.state_dict()[k], v), k
     with pytest.raises(RunMismatch, match=r"run 's' at .*space.lr.grid_search \[0.01, 0.05\] -> \[0.01, 0.1\]"):
-        sweep(model, train, {"lr": tune.grid_search([0.01, 0.1])}, epochs=2, scheduler=None, storage=storage, name="s")
+        sweep(model, train, {"lr": tune.grid_search([0.01, 0.1])}, tuning=Tuning(scheduler=None),
+              stopping=Stopping(epochs=2), run=Run(storage=storage, name="s"))
     with pytest.raises(RunMismatch, match="epochs 2 -> 3"):
-        sweep(model, train, space, epochs=3, scheduler=None, storage=storage, name="s")
+        sweep(model, train, space, tuning=Tuning(scheduler=None), stopping=Stopping(epochs=3),
+              run=Run(storage=storage, name="s"))

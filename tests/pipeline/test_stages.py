@@ -2,6 +2,8 @@
 precision and best weights in ``finetune``: the head first on the cached features, then
 more of the model from the images."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -50,9 +52,11 @@ def test_a_staged_run_trains_the_head_on_features_then_unfreezes_with_frozen_lay
         if e["event"] == "epoch_end":
             events.append((e["stage"], e["epoch"], len(calls)))
 
-    r = finetune(model, str(tiny["root"] / "train"), features=tiny["train"], validation=str(tiny["root"] / "val"),
-                 num_workers=0, batch_size=20, storage=str(tmp_path), name="staged", callback=callback,
-                 stages=[Stage(epochs=3), Stage(unfreeze=("conv2", "bn2"), epochs=2, lr=1e-3, train_bn=False),
+    r = finetune(model, str(tiny["root"] / "train"), validation=str(tiny["root"] / "val"),
+                 batches=pipeline.Batches(batch_size=20), resources=pipeline.Resources(num_workers=0),
+                 run=pipeline.Run(storage=str(tmp_path), name="staged", callback=callback),
+                 stages=[Stage(epochs=3, features=tiny["train"]),
+                         Stage(unfreeze=("conv2", "bn2"), epochs=2, lr=1e-3, train_bn=False),
                          Stage(unfreeze=("conv1", "bn1"), epochs=1, lr=1e-3)])
     # stage 0 read the feature set: no image was decoded while it ran; stages 1 and 2 decoded their images
     assert [(s, e) for s, e, _ in events] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)]
@@ -76,18 +80,19 @@ def test_a_staged_run_trains_the_head_on_features_then_unfreezes_with_frozen_lay
 
 def test_a_staged_run_resumes_mid_stage_by_name(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "LOCAL_CHECKPOINT_EVERY_S", 0.0)  # a checkpoint every epoch
-    stages = [Stage(epochs=2), Stage(unfreeze=("conv2", "bn2"), epochs=4, lr=1e-3)]
-    kw = dict(features=tiny["train"], num_workers=0, batch_size=20, storage=str(tmp_path), name="again", stages=stages,
+    stages = [Stage(epochs=2, features=tiny["train"]), Stage(unfreeze=("conv2", "bn2"), epochs=4, lr=1e-3)]
+    kw = dict(resources=pipeline.Resources(num_workers=0), batches=pipeline.Batches(batch_size=20), stages=stages,
               validation=str(tiny["root"] / "val"))
+    run = pipeline.Run(storage=str(tmp_path), name="again")
 
     def crash(e):
         if e["event"] == "epoch_end" and e["stage"] == 1 and e["epoch"] == 1:
             raise RuntimeError("the driver dies in stage 1")
 
     with pytest.raises(Exception, match="the driver dies in stage 1"):
-        finetune(tiny["model"], str(tiny["root"] / "train"), callback=crash, **kw)
+        finetune(tiny["model"], str(tiny["root"] / "train"), run=dataclasses.replace(run, callback=crash), **kw)
     events = []
-    r = finetune(tiny["model"], str(tiny["root"] / "train"), callback=events.append, **kw)
+    r = finetune(tiny["model"], str(tiny["root"] / "train"), run=dataclasses.replace(run, callback=events.append), **kw)
     trained = [(e["stage"], e["epoch"]) for e in events if e["event"] == "epoch_end"]
     resumed = [(e["stage"], e["epoch"]) for e in events if e["event"] == "resume"]
     assert trained == [(1, 2), (1, 3)]  # stage 0 was finished, stage 1 goes on after its epoch 1
@@ -104,11 +109,14 @@ def test_stages_name_their_problems():
 
 def test_a_stage_that_names_a_missing_vertex_fails_before_training(tiny, tmp_path):
     with pytest.raises(Exception, match="'conv9' is not in"):  # the last stage's typo, found before the first trains
-        finetune(tiny["model"], str(tiny["root"] / "train"), features=tiny["train"], num_workers=0, storage=str(tmp_path),
-                 name="typo", stages=[Stage(epochs=1), Stage(unfreeze=("conv2",), epochs=1), Stage(frozen="conv9")])
+        finetune(tiny["model"], str(tiny["root"] / "train"), resources=pipeline.Resources(num_workers=0),
+                 run=pipeline.Run(storage=str(tmp_path), name="typo"),
+                 stages=[Stage(epochs=1, features=tiny["train"]), Stage(unfreeze=("conv2",), epochs=1),
+                         Stage(frozen="conv9")])
     assert not any(tmp_path.iterdir())  # no stage ran
     with pytest.raises(ValueError, match="stages is empty"):
-        finetune(tiny["model"], str(tiny["root"] / "train"), num_workers=0, storage=str(tmp_path), stages=[])
+        finetune(tiny["model"], str(tiny["root"] / "train"), resources=pipeline.Resources(num_workers=0),
+                 run=pipeline.Run(storage=str(tmp_path)), stages=[])
 
 
 def test_per_block_multipliers_and_the_slice_reach_the_optimizer_for_any_module():
@@ -198,8 +206,9 @@ def test_fp16_on_cuda_uses_a_scaler():
 def test_finetune_returns_the_best_epochs_weights(tiny, tmp_path):
     # validation images whose class folders are rotated: training makes them ever more wrong, so the best epoch is early
     model = tiny["model"]
-    r = finetune(model, str(tiny["root"] / "train"), validation=str(tiny["root"] / "rotated"), num_workers=0,
-                 batch_size=20, augment=False, early_stopping_patience=3, storage=str(tmp_path), name="best")
+    r = finetune(model, str(tiny["root"] / "train"), validation=str(tiny["root"] / "rotated"),
+                 stopping=pipeline.Stopping(patience=3), batches=pipeline.Batches(batch_size=20, augment=False),
+                 resources=pipeline.Resources(num_workers=0), run=pipeline.Run(storage=str(tmp_path), name="best"))
     losses = [h["val_loss"] for h in r.history]
     assert r.history[-1]["stopped_early"] and r.best_epoch == int(np.argmin(losses)) and r.best_epoch < len(losses) - 1
     assert losses[-1] > losses[r.best_epoch]

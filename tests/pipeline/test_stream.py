@@ -106,7 +106,9 @@ for run, rows in (("small", int(sys.argv[2])), ("large", int(sys.argv[3])), ("sm
     fset_small = fset if run == "small" else globals().get("fset_small")
     with MemorySampler(period=0.1) as mem:
         base = mem._me.memory_info().rss
-        r = pipeline.fit_head(model, fset, num_workers=2, epochs=1, storage=os.path.join(work, "runs"), name=run)
+        r = pipeline.fit_head(model, fset, stopping=pipeline.Stopping(epochs=1),
+                              resources=pipeline.Resources(num_workers=2),
+                              run=pipeline.Run(storage=os.path.join(work, "runs"), name=run))
     out[run] = {"driver_growth": mem.driver - base, "worker_peak": mem.worker_max, "rows": [h["rows"] for h in r.history],
                 "mode": r.mode, "feature_bytes": sum(s.bytes for s in fset.shards)}
     if run != "large":

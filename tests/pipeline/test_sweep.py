@@ -8,7 +8,7 @@ from ray import tune
 
 import surgery
 from jobs.cli import main
-from pipeline import evaluate, sweep
+from pipeline import Run, Stopping, Tuning, evaluate, sweep
 from surgery import FineTuneConfiguration, TransferLearning
 from surgery.layers import Dense, Output
 
@@ -26,7 +26,8 @@ def hidden(tiny, tiny_name):
 def test_a_sweep_returns_every_trial_and_the_best_model(tiny, hidden, tmp_path):
     space = {"lr": tune.grid_search([1e-3, 3e-2]), "n_out.hidden": tune.grid_search([4, 16]),
              "weight_decay": tune.choice([0.0, 1e-4])}
-    result = sweep(hidden, tiny["train"], space, validation=tiny["val"], max_epochs=25, storage=str(tmp_path), name="s")
+    result = sweep(hidden, tiny["train"], space, validation=tiny["val"], stopping=Stopping(max_epochs=25),
+                   run=Run(storage=str(tmp_path), name="s"))
     table = result.table
     assert len(table) == 4 and {"lr", "n_out.hidden", "weight_decay", "val_loss", "val_accuracy", "epochs",
                                 "best_epoch", "ended_by"} <= set(table.columns)
@@ -55,11 +56,11 @@ def test_bad_sweeps_are_refused_before_any_trial(tiny, hidden, tmp_path):
     ]
     for space, match in cases:
         with pytest.raises(ValueError, match=match):
-            sweep(hidden, tiny["train"], space, storage=str(tmp_path))
+            sweep(hidden, tiny["train"], space, run=Run(storage=str(tmp_path)))
     with pytest.raises(ValueError, match="metric 'val_f1' is never reported; trials report val_loss, val_accuracy"):
-        sweep(hidden, tiny["train"], {"lr": 0.01}, metric="val_f1", storage=str(tmp_path))
+        sweep(hidden, tiny["train"], {"lr": 0.01}, tuning=Tuning(metric="val_f1"), run=Run(storage=str(tmp_path)))
     with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
-        sweep(hidden, tiny["train"], {"lr": 0.01}, mode="lowest", storage=str(tmp_path))
+        sweep(hidden, tiny["train"], {"lr": 0.01}, tuning=Tuning(mode="lowest"), run=Run(storage=str(tmp_path)))
     assert not list(tmp_path.iterdir())  # no trial ever started
 
 
@@ -95,8 +96,8 @@ def test_a_set_too_large_for_memory_is_swept_on_a_sample_and_the_best_refit_on_e
     fset = featurize(tiny["model"], str(tiny["root"] / "train"), str(tmp_path / "f"), dtype="float32", shard_rows=10)
     assert len(fset.shards) == 6 and fset.rows == 60
     monkeypatch.setenv("FREEZERAY_LOCAL_LIMIT_BYTES", str(25 * 64 * 4))  # 25 rows of 64 float32 values fit
-    result = sweep(hidden, fset, {"lr": tune.grid_search([1e-3, 3e-2])}, validation=tiny["val"], epochs=3,
-                   storage=str(tmp_path / "runs"), name="big")
+    result = sweep(hidden, fset, {"lr": tune.grid_search([1e-3, 3e-2])}, validation=tiny["val"],
+                   stopping=Stopping(epochs=3), run=Run(storage=str(tmp_path / "runs"), name="big"))
     trial_rows = {c[-1]["rows"] for c in result.curves.values()}
     assert trial_rows == {20}  # the trials trained on a seeded sample of 2 shards
     assert result.refit is not None and [h["rows"] for h in result.refit.history] == [60, 60, 60]  # the best, on all

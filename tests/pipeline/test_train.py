@@ -15,7 +15,11 @@ from imagesets import bad_files, write_folder
 import surgery
 from freezeray.images import preprocess_bytes
 from pipeline import (
+    Batches,
     FeatureMismatch,
+    Resources,
+    Run,
+    Stopping,
     evaluate,
     featurize,
     finetune,
@@ -37,8 +41,10 @@ def test_local_mode_and_two_workers_take_the_same_steps(tiny, tmp_path):
     model, train = TransferLearning(tiny["model"]).fine_tune_configuration(sgd).build(), tiny["train"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # full batches without shuffling: one process with batch 60 and two workers with 30 each see the same rows per step
-    local = fit_head(model, train, epochs=3, batch_size=60, shuffle=False, num_workers=0, storage=str(tmp_path), name="l")
-    workers = fit_head(model, train, epochs=3, batch_size=30, shuffle=False, num_workers=2, storage=str(tmp_path), name="w")
+    local = fit_head(model, train, stopping=Stopping(epochs=3), batches=Batches(batch_size=60, shuffle=False),
+                     resources=Resources(num_workers=0), run=Run(storage=str(tmp_path), name="l"))
+    workers = fit_head(model, train, stopping=Stopping(epochs=3), batches=Batches(batch_size=30, shuffle=False),
+                       resources=Resources(num_workers=2), run=Run(storage=str(tmp_path), name="w"))
     assert (local.mode, local.workers, workers.mode, workers.workers) == ("local", 0, "workers", 2)
     for k, v in local.model.state_dict().items():
         torch.testing.assert_close(workers.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
@@ -53,7 +59,7 @@ def test_local_mode_and_two_workers_take_the_same_steps(tiny, tmp_path):
 
 def test_epochs_none_stops_returns_the_best_weights_and_resumes_by_name(tiny, tmp_path):
     model = tiny["model"]
-    r = fit_head(model, tiny["train"], validation=tiny["rotated"], storage=str(tmp_path), name="best")
+    r = fit_head(model, tiny["train"], validation=tiny["rotated"], run=Run(storage=str(tmp_path), name="best"))
     losses = [h["val_loss"] for h in r.history]
     assert r.mode == "local" and r.history[-1]["stopped_early"] and len(losses) == r.best_epoch + 1 + DEFAULT_PATIENCE
     assert r.best_epoch == int(np.argmin(losses)) and losses[-1] > losses[r.best_epoch] + 0.1
@@ -62,22 +68,24 @@ def test_epochs_none_stops_returns_the_best_weights_and_resumes_by_name(tiny, tm
     assert r.metrics["epoch"] == r.best_epoch
 
     events = []
-    first = fit_head(model, tiny["train"], validation=tiny["val"], epochs=3, storage=str(tmp_path), name="again",
-                     num_workers=0, callback=events.append)
+    first = fit_head(model, tiny["train"], validation=tiny["val"], stopping=Stopping(epochs=3),
+                     resources=Resources(num_workers=0),
+                     run=Run(storage=str(tmp_path), name="again", callback=events.append))
     assert [e["event"] for e in events].count("resume") == 0
     events.clear()
-    second = fit_head(model, tiny["train"], validation=tiny["val"], epochs=5, storage=str(tmp_path), name="again",
-                      num_workers=0, callback=events.append)
+    second = fit_head(model, tiny["train"], validation=tiny["val"], stopping=Stopping(epochs=5),
+                      resources=Resources(num_workers=0),
+                      run=Run(storage=str(tmp_path), name="again", callback=events.append))
     resumed = [e for e in events if e["event"] == "resume"]
     assert len(resumed) == 1 and resumed[0]["epoch"] == 2 and resumed[0]["skipped"] == []
     assert [e["epoch"] for e in events if e["event"] == "epoch_end"] == [3, 4]
     assert [h["epoch"] for h in second.history] == [0, 1, 2, 3, 4]
     assert [h["loss"] for h in second.history[:3]] == [h["loss"] for h in first.history]
-    straight = fit_head(model, tiny["train"], validation=tiny["val"], epochs=5, storage=str(tmp_path), name="straight",
-                        num_workers=0)
+    straight = fit_head(model, tiny["train"], validation=tiny["val"], stopping=Stopping(epochs=5),
+                        resources=Resources(num_workers=0), run=Run(storage=str(tmp_path), name="straight"))
     for k, v in straight.model.state_dict().items():  # resumed == uninterrupted, bit for bit
         assert torch.equal(second.model.state_dict()[k], v), k
-    done = fit_head(model, tiny["train"], storage=str(tmp_path), name="best", validation=tiny["rotated"])
+    done = fit_head(model, tiny["train"], validation=tiny["rotated"], run=Run(storage=str(tmp_path), name="best"))
     assert done.best_epoch == r.best_epoch and len(done.history) == len(r.history)  # a finished run stays finished
 
 
@@ -111,7 +119,7 @@ def shapes(tmp_path_factory, ray_session, lite0_imagenet):
 
 
 def test_fit_head_with_defaults_learns_and_evaluate_and_predict_agree(shapes, tmp_path):
-    r = fit_head(shapes["model"], shapes["train"], validation=shapes["val"], storage=str(tmp_path / "runs"))
+    r = fit_head(shapes["model"], shapes["train"], validation=shapes["val"], run=Run(storage=str(tmp_path / "runs")))
     assert r.mode == "local" and r.metrics["val_accuracy"] >= 0.95 and r.history[0]["val_rows"] == 45
     surgery.save(r.model, str(tmp_path / "model"))
     model = surgery.load(str(tmp_path / "model"))
@@ -150,7 +158,7 @@ def test_bad_input_is_refused_before_any_work(shapes, tmp_path, tiny_name, lite0
     with pytest.raises(ValueError, match=r"loss 'bce' on output 'classifier' compares 5 values with one-hot labels of 3"):
         fit_head(bce, shapes["train"])
     with pytest.raises(ValueError, match="epochs must be a positive integer or None, got 0"):
-        fit_head(shapes["model"], shapes["train"], epochs=0)
+        fit_head(shapes["model"], shapes["train"], stopping=Stopping(epochs=0))
     empty = tmp_path / "empty"
     for p, b in bad_files().items():
         (empty / p).parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +177,8 @@ def test_head_weights_equal_end_to_end_training(ray_session, tmp_path, tiny_name
              .remove_vertex_and_connections("fc1").add_layer("hidden", Dense(12, activation="tanh"), "flatten")
              .add_layer("out", Output(3, loss="nll"), "hidden").set_outputs("out").build())
     fset = featurize(model, str(root), str(tmp_path / "f"), dtype="float32")
-    result = fit_head(model, fset, epochs=2, batch_size=5, num_workers=0, shuffle=False, storage=str(tmp_path / "runs"))
+    result = fit_head(model, fset, stopping=Stopping(epochs=2), batches=Batches(batch_size=5, shuffle=False),
+                      resources=Resources(num_workers=0), run=Run(storage=str(tmp_path / "runs")))
 
     src = read_images(str(root))
     config = surgery.get_info(model).preprocessing
@@ -206,8 +215,9 @@ def test_finetune_from_images_in_local_mode_keeps_frozen_layers_frozen(ray_sessi
     model = (TransferLearning(surgery.zoo.load(tiny_name)).fine_tune_configuration(ftc).set_feature_extractor("bn1")
              .remove_vertex_keep_connections("fc2").add_layer("fc2", Output(3, loss="cross_entropy")).build())
     frozen_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("conv1", "bn1"))}
-    r = finetune(model, str(root / "train"), validation=str(root / "val"), epochs=4, batch_size=10,
-                 num_workers=0, augment=False, storage=str(tmp_path / "runs"))
+    r = finetune(model, str(root / "train"), validation=str(root / "val"), stopping=Stopping(epochs=4),
+                 batches=Batches(batch_size=10, augment=False), resources=Resources(num_workers=0),
+                 run=Run(storage=str(tmp_path / "runs")))
     after = r.model.state_dict()
     assert r.mode == "local" and all(torch.equal(after[k], v) for k, v in frozen_before.items())
     assert not torch.equal(after["conv2.weight"], model.state_dict()["conv2.weight"])

@@ -6,7 +6,7 @@ cross-validation) on the same features."""
 import pytest
 
 from jobs.demo import write_digits
-from pipeline import evaluate, featurize, fit_head
+from pipeline import Run, evaluate, featurize, fit_head
 from surgery import TransferLearning
 from surgery.layers import Output
 
@@ -31,7 +31,7 @@ def test_default_fit_head_is_within_a_point_of_logistic_regression(ray_session, 
     train = featurize(model, str(root / "train"), str(tmp_path / "train"), image_size=96)
     test = featurize(model, str(root / "test"), str(tmp_path / "test"), image_size=96)
     assert (train.rows, test.rows, train.errors) == (1347, 450, 0)
-    result = fit_head(model, train, storage=str(tmp_path / "runs"))  # every argument left at its default
+    result = fit_head(model, train, run=Run(storage=str(tmp_path / "runs")))  # every argument left at its default
     assert result.mode == "local" and result.history[-1]["stopped_early"] and result.best_epoch >= 2
     ours = evaluate(result.model, test).accuracy
     reference, c = _logistic_regression(train, test)

@@ -15,7 +15,7 @@ import torch
 from imagesets import write_image_folder
 
 import surgery
-from pipeline import Resources, featurize, fit_head
+from pipeline import Batches, Resources, Run, Stopping, featurize, fit_head
 from pipeline.checkpoints import (
     CheckpointError,
     RunFolder,
@@ -82,8 +82,9 @@ def test_killed_worker_restart_by_name_and_a_corrupt_checkpoint(head_job, tmp_pa
     model, features = head_job
     storage = str(tmp_path / "runs")
     events = _Events(str(tmp_path / "events.jsonl"), kill_at=(1, 2))
-    first = fit_head(model, features, epochs=3, batch_size=8, num_workers=1, storage=storage, name="r",
-                     max_failures=1, callback=events)
+    first = fit_head(model, features, stopping=Stopping(epochs=3), batches=Batches(batch_size=8),
+                     resources=Resources(num_workers=1),
+                     run=Run(storage=storage, name="r", max_failures=1, callback=events))
     assert os.path.exists(events.path + ".killed") and [h["epoch"] for h in first.history] == [0, 1, 2]
     resumed = [e for e in events.read() if e["event"] == "resume"]
     assert len(resumed) == 1 and resumed[0]["epoch"] == 0 and resumed[0]["skipped"] == []  # after the kill
@@ -95,8 +96,8 @@ def test_killed_worker_restart_by_name_and_a_corrupt_checkpoint(head_job, tmp_pa
     open(weights, "wb").write(bytes(data))
 
     events = _Events(str(tmp_path / "events2.jsonl"))
-    again = fit_head(model, features, epochs=4, batch_size=8, num_workers=1, storage=storage, name="r",
-                     callback=events)
+    again = fit_head(model, features, stopping=Stopping(epochs=4), batches=Batches(batch_size=8),
+                     resources=Resources(num_workers=1), run=Run(storage=storage, name="r", callback=events))
     seen = events.read()
     assert seen[0]["event"] == "resume" and seen[0]["epoch"] == 1 and seen[0]["checkpoint"] == previous
     assert len(seen[0]["skipped"]) == 1 and "model.safetensors does not match its digest" in seen[0]["skipped"][0]
@@ -195,8 +196,9 @@ def test_a_worker_killed_mid_epoch_of_a_streamed_run_resumes_at_its_step_and_tra
              .add_layer("classifier", Output(4)).build())
     fset = synthetic_features(model, str(tmp_path / "f"), rows=6000, rows_per_shard=300)  # 20 shards
     log = str(tmp_path / "rows.jsonl")
-    result = fit_head(model, fset, num_workers=2, epochs=3, batch_size=64, storage=str(tmp_path / "runs"), name="stream",
-                      max_failures=1, callback=_RowLog(log, kill_at=(1, 12)))
+    result = fit_head(model, fset, stopping=Stopping(epochs=3), batches=Batches(batch_size=64),
+                      resources=Resources(num_workers=2),
+                      run=Run(storage=str(tmp_path / "runs"), name="stream", max_failures=1, callback=_RowLog(log, kill_at=(1, 12))))
     lines = [json.loads(line) for line in open(log)]
     resumes = [x for x in lines if x.get("resume")]
     assert len(resumes) == 1 and os.path.exists(log + ".killed")

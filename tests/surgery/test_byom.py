@@ -13,7 +13,7 @@ from torch import nn
 
 import surgery
 from jobs.demo import write_digits
-from pipeline import evaluate, featurize, fit_head
+from pipeline import Run, Stopping, evaluate, featurize, fit_head
 from surgery import FineTuneConfiguration, TransferLearning
 from surgery.graph import VertexError
 from surgery.layers import Dense, Output
@@ -66,7 +66,8 @@ def test_from_module_goes_through_builder_featurize_fit_save_load_evaluate(ray_s
     train = featurize(model, str(tmp_path / "train"), str(tmp_path / "f-train"), dtype="float32")
     val = featurize(model, str(tmp_path / "val"), str(tmp_path / "f-val"), dtype="float32")
     assert (train.rows, val.rows, train.errors) == (36, 18, 0)
-    result = fit_head(model, train, validation=val, epochs=30, storage=str(tmp_path / "runs"))
+    result = fit_head(model, train, validation=val, stopping=Stopping(epochs=30),
+                      run=Run(storage=str(tmp_path / "runs")))
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < 0.8 * losses[0], losses  # it trains
 
@@ -157,7 +158,7 @@ def test_onnx_model_frozen_at_a_named_node_featurizes_and_trains(ray_session, li
     test = featurize(model, str(tmp_path / "digits" / "test"), str(tmp_path / "f-test"))
     assert (train.rows, test.rows, train.errors) == (90, 30, 0)
     assert train.to_tensors()[0].shape == (90, 1280)
-    result = fit_head(model, train, storage=str(tmp_path / "runs"))
+    result = fit_head(model, train, run=Run(storage=str(tmp_path / "runs")))
     accuracy = evaluate(result.model, test).accuracy
     assert accuracy >= 0.6, accuracy  # ImageNet features of digits; chance is 0.1
 
